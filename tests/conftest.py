@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny models and checkpoints made on the fly; nothing is downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from resnext import Preprocessing, ResNeXt, resnext_tiny, save_checkpoint
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CLASSES = ["Black_footed_Albatross", "Cactus_Wren", "Red_winged_Blackbird", "Barn_Swallow", "Anna_Hummingbird"]
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BN non-trivial statistics and affine weights, so eval-mode outputs mean something."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.weight.data = torch.rand(n, generator=gen) + 0.5
+            m.bias.data = torch.randn(n, generator=gen) * 0.1
+            m.running_mean = torch.randn(n, generator=gen) * 0.1
+            m.running_var = torch.rand(n, generator=gen) + 0.5
+    return model
+
+
+def tiny_model(num_classes: int = len(CLASSES), seed: int = 0) -> ResNeXt:
+    torch.manual_seed(seed)
+    return randomize_batchnorm(resnext_tiny(num_classes), seed).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny 5-class checkpoint with a 64 px input (resize 72, so center-crop is exercised)."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_checkpoint(path, tiny_model(), CLASSES, Preprocessing(input_size=64, resize=72), {"data": "none (test)"})
+    return path
+
+
+@pytest.fixture()
+def photo() -> np.ndarray:
+    """A 90x120 (HxW) RGB photo with structure: a bright disc on a gradient."""
+    yy, xx = np.mgrid[0:90, 0:120]
+    img = np.stack([xx * 2, yy * 2, np.full_like(xx, 60)], axis=-1).astype(np.float64)
+    img[(yy - 40) ** 2 + (xx - 70) ** 2 < 20**2] = [250, 240, 30]
+    return img.astype(np.uint8)
+
+
+@pytest.fixture()
+def photo_file(tmp_path, photo) -> Path:
+    from PIL import Image
+
+    path = tmp_path / "bird.png"
+    Image.fromarray(photo).save(path)
+    return path
