@@ -1,0 +1,206 @@
+"""The classifier: a checkpoint on a device, with top-k prediction and conv5 explanations."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .checkpoint import CheckpointInfo, load_checkpoint
+from .explain import Explanation, conv5_cams
+from .model import ResNeXt
+from .transforms import ImageInput, load_image
+
+__all__ = ["Classifier", "Prediction", "DEFAULT_CHECKPOINT", "display_name", "load_classifier", "select_device"]
+
+# The default bird model ships here (see checkpoints/README.md).
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "resnext50_32x4d_cub100.safetensors"
+
+
+class Prediction(NamedTuple):
+    label: str  # the class name as stored in the checkpoint
+    index: int
+    prob: float
+
+
+def display_name(label: str) -> str:
+    """A class folder name made readable: ``Black_footed_Albatross`` -> ``Black-footed Albatross``."""
+    words = label.replace("_", " ").split()
+    out = []
+    for word in words:
+        if out and word[:1].islower():  # "footed" after "Black": a hyphenated compound
+            out[-1] += "-" + word
+        else:
+            out.append(word)
+    return " ".join(out)
+
+
+def select_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks CUDA, then Apple's MPS, then the CPU; anything else is checked and used."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or mps") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} requested but MPS is not available here")
+    return chosen
+
+
+class Classifier:
+    """A ResNeXt classifier ready for prediction and explanation.
+
+    Attributes:
+        model: the ResNeXt module, fp32, eval mode, on ``device``; parameters frozen.
+        info: the checkpoint's metadata (architecture, classes, preprocessing, provenance).
+        classes: class names in output order.
+        preprocessing: the checkpoint's :class:`~resnext.transforms.Preprocessing`.
+        device: where the model runs.
+    """
+
+    def __init__(self, model: ResNeXt, info: CheckpointInfo, device: str | torch.device = "auto", path: Path | None = None):
+        self.device = select_device(device)
+        self.model = model.float().eval().requires_grad_(False).to(self.device)
+        self.info = info
+        self.classes = list(info.classes)
+        self.preprocessing = info.preprocessing
+        self.path = path
+
+    def __repr__(self) -> str:
+        arch = self.info.architecture
+        return (
+            f"Classifier(layers={arch['layers']}, {arch['cardinality']}x{arch['group_depth']}d, "
+            f"{len(self.classes)} classes, device={self.device.type}, path={self.path})"
+        )
+
+    def preprocess(self, image: ImageInput) -> Tensor:
+        """Any supported image -> the network input, (1, 3, H, W) on the CPU."""
+        return self.preprocessing(load_image(image)).unsqueeze(0)
+
+    def features(self, batch: Tensor) -> Tensor:
+        """(B, 3, H, W) network input -> conv5 activation, computed without autograd."""
+        with torch.inference_mode():
+            return self.model.forward_features(batch.to(self.device))
+
+    def logits(self, features: Tensor) -> Tensor:
+        """conv5 activation -> logits (B, num_classes), fp32."""
+        with torch.inference_mode():
+            return self.model.forward_head(features.float())
+
+    def predict(self, images: ImageInput | Sequence[ImageInput], k: int = 5, batch_size: int = 16) -> list[list[Prediction]]:
+        """Top-k classes of each image.
+
+        Args:
+            images: one image or a list of them (paths, bytes, PIL images or numpy arrays).
+            k: how many classes to return per image; clamped to the number of classes.
+            batch_size: images per forward pass.
+
+        Returns:
+            One list per image of ``k`` :class:`Prediction`, most probable first.
+
+        Raises:
+            ValueError: ``k`` or ``batch_size`` is not a positive integer.
+            FileNotFoundError, ImageLoadError: an image cannot be read (see :func:`load_image`).
+        """
+        k = self._check_k(k)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        results: list[list[Prediction]] = []
+        for start in range(0, len(images), batch_size):
+            batch = torch.cat([self.preprocess(image) for image in images[start : start + batch_size]])
+            results.extend(self._top_k(self.logits(self.features(batch)), k))
+        return results
+
+    def explain(self, image: ImageInput, target: int | str | None = None, method: str = "gradcam", k: int = 5) -> Explanation:
+        """Grad-CAM of one class on conv5, with the top-k from the same forward pass.
+
+        Args:
+            image: one image (path, bytes, PIL image or numpy array).
+            target: class index or name to explain; ``None`` explains the top-1 class.
+            method: a CAM method of :data:`resnext.explain.CAM_METHODS`.
+            k: size of the top-k list returned with the explanation.
+
+        Raises:
+            ValueError: unknown target or method, or a bad ``k``.
+            FileNotFoundError, ImageLoadError: the image cannot be read.
+        """
+        k = self._check_k(k)
+        photo = load_image(image)
+        x = self.preprocessing(photo).unsqueeze(0)  # (1, 3, S, S)
+        features = self.features(x)  # (1, C, S/32, S/32)
+        logits = self.logits(features)
+        predictions = self._top_k(logits, k)[0]
+        index = predictions[0].index if target is None else self.class_index(target)
+        size = self.preprocessing.input_size
+        cam = conv5_cams(self.model, features, [index], method, (size, size))[0]
+        return Explanation(
+            cam=cam,
+            target=index,
+            label=self.classes[index],
+            prob=float(torch.softmax(logits[0], dim=0)[index]),
+            predictions=predictions,
+            method=method.lower(),
+            photo=photo,
+            box=self.preprocessing.crop_box(*photo.size),
+        )
+
+    def class_index(self, target: int | str) -> int:
+        """The output index of a class given by index or by name (stored or display form)."""
+        if isinstance(target, bool):
+            raise ValueError(f"unknown class {target!r}")
+        if isinstance(target, int):
+            if 0 <= target < len(self.classes):
+                return target
+            raise ValueError(f"class index {target} is out of range (0..{len(self.classes) - 1})")
+        if isinstance(target, str):
+            for i, name in enumerate(self.classes):
+                if target in (name, display_name(name)):
+                    return i
+        raise ValueError(f"unknown class {target!r}; this model knows {len(self.classes)} classes")
+
+    def _check_k(self, k: int) -> int:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        return min(k, len(self.classes))
+
+    def _top_k(self, logits: Tensor, k: int) -> list[list[Prediction]]:
+        probs = torch.softmax(logits.float(), dim=1).cpu()
+        values, indices = probs.topk(k, dim=1)  # sorted, most probable first
+        return [
+            [Prediction(self.classes[i], i, p) for p, i in zip(row_p.tolist(), row_i.tolist())]
+            for row_p, row_i in zip(values, indices)
+        ]
+
+
+def load_classifier(path: str | os.PathLike | None = None, device: str | torch.device = "auto") -> Classifier:
+    """Load a checkpoint (default: the bird model in ``checkpoints/``) as a :class:`Classifier`.
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``path`` (or no default model installed).
+        ValueError: the file is not a valid checkpoint, or the device is unknown/unavailable.
+    """
+    if path is None:
+        path = DEFAULT_CHECKPOINT
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"the default model {path.name} is not in {path.parent}; pass a checkpoint path"
+            )
+    path = Path(path)
+    model, info = load_checkpoint(path)
+    return Classifier(model, info, device=device, path=path)

@@ -1,0 +1,219 @@
+"""Image loading and the one preprocessing pipeline.
+
+Every image the project sees (inference, Grad-CAM, evaluation, training) is opened by
+:func:`load_image` and turned into a tensor by :class:`Preprocessing`, whose fields travel in the
+checkpoint's metadata. Resize-then-center-crop is done as a single resample of a box of the
+original photo, so the box is also exactly where a Grad-CAM map belongs on the photo.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "ImageInput",
+    "ImageLoadError",
+    "MAX_PIXELS",
+    "Preprocessing",
+    "load_image",
+    "to_rgb",
+]
+
+ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+
+# Refuse anything larger before decoding it: 64 MP covers every camera photo; a "decompression
+# bomb" (a small file declaring 100k x 100k pixels) would need 30 GB of memory once decoded.
+MAX_PIXELS = 64_000_000
+
+_INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+
+
+class ImageLoadError(ValueError):
+    """An input that cannot be used as an image; the message says which and why."""
+
+
+def _describe(source: ImageInput) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    return f"<{type(source).__name__}>"
+
+
+def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open any image PIL can read and return it upright, in RGB.
+
+    Accepts a path, the file's bytes, a PIL image, or a numpy array (HxW, HxWx1, HxWx3 or
+    HxWx4; uint8, uint16, or floats in [0, 1]). EXIF orientation is applied; every mode becomes
+    RGB (see :func:`to_rgb`); an animated image gives its first frame.
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ImageLoadError: anything that is not a usable image, or is larger than ``max_pixels``.
+    """
+    if isinstance(source, Image.Image):
+        image = source
+    elif isinstance(source, np.ndarray):
+        image = _from_array(source)
+    elif isinstance(source, (bytes, bytearray)):
+        image = _open(io.BytesIO(source), _describe(source), max_pixels)
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        image = _open(path, str(path), max_pixels)
+    else:
+        raise ImageLoadError(f"cannot read an image from a {type(source).__name__}")
+    _check_size(image, _describe(source), max_pixels)
+    try:
+        image = ImageOps.exif_transpose(image)  # a rotated phone photo stands upright
+        return to_rgb(image)
+    except (OSError, ValueError, SyntaxError) as err:  # truncated or corrupt pixel data
+        raise ImageLoadError(f"{_describe(source)}: unreadable image data ({err})") from None
+
+
+def _open(fp, name: str, max_pixels: int) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            # PIL warns, then raises, past its own bomb limit; ours below is the one that speaks.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(fp)
+        _check_size(image, name, max_pixels)  # from the header, before any pixel is decoded
+        image.load()
+    except Image.DecompressionBombError:
+        raise ImageLoadError(f"{name}: image is too large (over {max_pixels:,} pixels)") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"{name}: not an image file PIL can read") from None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ImageLoadError(f"{name}: unreadable image data ({err})") from None
+    return image
+
+
+def _check_size(image: Image.Image, name: str, max_pixels: int) -> None:
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageLoadError(f"{name}: image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageLoadError(
+            f"{name}: image is too large ({width}x{height} = {width * height:,} pixels; "
+            f"the limit is {max_pixels:,})"
+        )
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise ImageLoadError(f"array of shape {array.shape} is not an HxW, HxWx3 or HxWx4 image")
+    if array.dtype == np.uint8:
+        pass
+    elif array.dtype == np.uint16:
+        array = (array // 257).astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ImageLoadError("array image contains NaN or infinite values")
+        array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    else:
+        raise ImageLoadError(f"array image of dtype {array.dtype} is not supported (use uint8, uint16 or float)")
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB.
+
+    Transparent pixels are composited on white (dropping alpha would paint them black);
+    16- and 32-bit grey images are scaled to 8 bits (PIL's own conversion clips them to white).
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        grey = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or grey.max() > 255 else 255.0
+        grey = np.clip(grey / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Resize the shorter side to ``resize``, center-crop ``input_size``, normalize.
+
+    Stored in every checkpoint, so a model is always fed the way it was trained.
+    """
+
+    input_size: int = 224
+    resize: int = 256
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.input_size, int) or self.input_size < 8:
+            raise ValueError(f"input_size must be an integer >= 8, got {self.input_size!r}")
+        if not isinstance(self.resize, int) or self.resize < self.input_size:
+            raise ValueError(f"resize must be an integer >= input_size ({self.input_size}), got {self.resize!r}")
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}")
+        for name in ("mean", "std"):
+            value = tuple(float(v) for v in getattr(self, name))
+            if len(value) != 3 or (name == "std" and min(value) <= 0):
+                raise ValueError(f"{name} must be 3 numbers{' > 0' if name == 'std' else ''}, got {value}")
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Preprocessing":
+        unknown = set(data) - {"input_size", "resize", "mean", "std", "interpolation"}
+        if unknown:
+            raise ValueError(f"unknown preprocessing fields {sorted(unknown)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["mean"], data["std"] = list(self.mean), list(self.std)
+        return data
+
+    def with_size(self, input_size: int) -> "Preprocessing":
+        """The same pipeline at another input size, keeping the crop fraction."""
+        resize = max(input_size, round(input_size * self.resize / self.input_size))
+        return Preprocessing(input_size, resize, self.mean, self.std, self.interpolation)
+
+    def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The box (left, top, right, bottom) of a ``width`` x ``height`` photo that the network sees."""
+        side = min(width, height) * self.input_size / self.resize  # crop side in photo pixels
+        left, top = (width - side) / 2, (height - side) / 2
+        return (left, top, left + side, top + side)
+
+    def crop(self, image: Image.Image) -> Image.Image:
+        """Resize + center crop as one resample of :meth:`crop_box` (antialiased when shrinking)."""
+        box = self.crop_box(*image.size)
+        size = (self.input_size, self.input_size)
+        return image.resize(size, _INTERPOLATIONS[self.interpolation], box=box)
+
+    def normalize(self, image: Image.Image) -> torch.Tensor:
+        """An RGB image -> normalized float tensor (3, H, W)."""
+        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        x = x.float().div_(255.0)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return x.sub_(mean).div_(std)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """An RGB image -> (3, input_size, input_size) tensor."""
+        return self.normalize(self.crop(image))

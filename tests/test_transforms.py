@@ -1,0 +1,181 @@
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2 as T
+
+from resnext import ImageLoadError, Preprocessing, load_image
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels: a decompression bomb."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "LA", "L", "1", "P", "CMYK", "YCbCr", "I;16", "I", "F", "HSV"])
+def test_every_mode_becomes_rgb(mode):
+    image = Image.new("RGB", (20, 10), (200, 100, 50)).convert(mode) if mode != "I;16" else Image.new("I;16", (20, 10), 30000)
+    out = load_image(image)
+    assert out.mode == "RGB" and out.size == (20, 10)
+
+
+def test_16_bit_grey_is_scaled_not_clipped_to_white():
+    grey16 = Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16))  # mid-grey in 16 bits
+    value = np.asarray(load_image(grey16))[0, 0]
+    assert 120 <= value[0] <= 136 and value[0] == value[1] == value[2]
+
+
+def test_transparent_pixels_become_white_not_black():
+    rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    assert np.asarray(load_image(rgba))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_palette_with_transparency():
+    p = Image.new("P", (4, 4), 0)
+    p.putpalette([10, 20, 30] + [0] * 765)
+    p.info["transparency"] = 0
+    assert np.asarray(load_image(p))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    # A 40x20 (WxH) photo, left half red, right half blue, stored with "rotate 90 CW" (6).
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    image.paste((0, 0, 255), (20, 0, 40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif, quality=95)
+    upright = load_image(path)
+    assert upright.size == (20, 40)  # turned to portrait
+    pixels = np.asarray(upright).astype(int)
+    assert pixels[5, 10, 0] > 200 and pixels[5, 10, 2] < 60  # red on top after a clockwise turn
+    assert pixels[35, 10, 2] > 200 and pixels[35, 10, 0] < 60
+
+
+def test_cmyk_jpeg_and_animated_gif_and_webp():
+    cmyk = encoded(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG")  # red in CMYK
+    assert np.asarray(load_image(cmyk))[8, 8, 0] > 200
+    frames = [Image.new("P", (8, 8), i) for i in range(3)]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:])
+    assert load_image(gif.getvalue()).size == (8, 8)
+    assert load_image(encoded(Image.new("RGB", (9, 7), (1, 2, 3)), "WEBP", lossless=True)).size == (9, 7)
+
+
+def test_inputs_of_every_kind(tmp_path, photo):
+    path = tmp_path / "p.png"
+    Image.fromarray(photo).save(path)
+    expected = np.asarray(Image.fromarray(photo))
+    for source in (path, str(path), path.read_bytes(), Image.fromarray(photo), photo):
+        assert np.array_equal(np.asarray(load_image(source)), expected)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.zeros((5, 6), np.uint8),
+        np.zeros((5, 6, 1), np.uint8),
+        np.zeros((5, 6, 4), np.uint8),
+        np.full((5, 6, 3), 0.5, np.float32),
+        np.full((5, 6, 3), 65535, np.uint16),
+    ],
+)
+def test_numpy_arrays(array):
+    assert load_image(array).size == (6, 5)
+
+
+def test_float_and_uint16_arrays_are_scaled():
+    assert np.asarray(load_image(np.full((2, 2, 3), 1.0)))[0, 0, 0] == 255
+    assert np.asarray(load_image(np.full((2, 2, 3), 65535, np.uint16)))[0, 0, 0] == 255
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.zeros((5, 6, 2), np.uint8), "shape"),
+        (np.zeros((5,), np.uint8), "shape"),
+        (np.zeros((5, 6, 3), np.int64), "dtype"),
+        (np.full((5, 6, 3), np.nan), "NaN"),
+    ],
+)
+def test_bad_arrays_are_refused(array, message):
+    with pytest.raises(ImageLoadError, match=message):
+        load_image(array)
+
+
+def test_bad_files_are_refused_with_a_reason(tmp_path):
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a picture")
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(encoded(Image.new("RGB", (64, 64), (9, 90, 200)), "JPEG")[:300])
+    for path, reason in ((empty, "not an image"), (text, "not an image"), (truncated, "unreadable")):
+        with pytest.raises(ImageLoadError, match=reason) as err:
+            load_image(path)
+        assert str(path) in str(err.value)
+    with pytest.raises(FileNotFoundError, match="missing.jpg"):
+        load_image(tmp_path / "missing.jpg")
+    with pytest.raises(ImageLoadError, match="dict"):
+        load_image({})
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    with pytest.raises(ImageLoadError, match="too large.*64,000,000"):
+        load_image(png_declaring(100_000, 100_000))
+
+
+def test_pixel_limit_is_configurable():
+    small = encoded(Image.new("RGB", (100, 100)), "PNG")
+    assert load_image(small, max_pixels=10_000).size == (100, 100)
+    with pytest.raises(ImageLoadError, match="too large"):
+        load_image(small, max_pixels=9_999)
+
+
+def test_preprocessing_matches_resize_then_center_crop():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)).filter(
+        __import__("PIL.ImageFilter").ImageFilter.GaussianBlur(3)
+    )
+    pre = Preprocessing(input_size=112, resize=128)
+    ours = pre(image)
+    reference = T.Compose(
+        [T.PILToTensor(), T.Resize(128, antialias=True), T.CenterCrop(112), T.ToDtype(torch.float32, scale=True),
+         T.Normalize(pre.mean, pre.std)]
+    )(image)
+    assert ours.shape == reference.shape == (3, 112, 112)
+    assert (ours - reference).abs().mean() < 0.02  # one resample instead of two: same picture
+
+
+def test_crop_box_is_centered_and_square():
+    pre = Preprocessing(input_size=224, resize=256)
+    left, top, right, bottom = pre.crop_box(400, 300)
+    assert right - left == pytest.approx(300 * 224 / 256) == bottom - top
+    assert (left + right) / 2 == pytest.approx(200) and (top + bottom) / 2 == pytest.approx(150)
+
+
+def test_preprocessing_round_trips_and_validates():
+    pre = Preprocessing(input_size=96, resize=110, interpolation="bicubic")
+    assert Preprocessing.from_dict(pre.to_dict()) == pre
+    assert pre.with_size(192).resize == 220
+    with pytest.raises(ValueError, match="resize"):
+        Preprocessing(input_size=224, resize=200)
+    with pytest.raises(ValueError, match="interpolation"):
+        Preprocessing(interpolation="lanczos9")
+    with pytest.raises(ValueError, match="unknown preprocessing fields"):
+        Preprocessing.from_dict({"input_size": 224, "crop": 0.9})
