@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .checkpoint import CheckpointInfo, load_checkpoint
 from .explain import Explanation, conv5_cams
+from .fast import configure_cpu_threads, fast_backbone
 from .model import ResNeXt
 from .transforms import ImageInput, load_image
 
@@ -70,21 +71,39 @@ class Classifier:
         classes: class names in output order.
         preprocessing: the checkpoint's :class:`~resnext.transforms.Preprocessing`.
         device: where the model runs.
+        fast_path: how the backbone runs, e.g. ``"oneDNN bf16"``, or ``"off"`` (plain fp32 model).
+
+    With ``fast=True`` (the default) predictions and explanations come from the fast backbone of
+    :mod:`resnext.fast` (folded BN, pre-packed oneDNN kernels, bf16 where the CPU has it); the
+    head always runs in fp32 on the public ``model``'s weights.
     """
 
-    def __init__(self, model: ResNeXt, info: CheckpointInfo, device: str | torch.device = "auto", path: Path | None = None):
+    def __init__(
+        self,
+        model: ResNeXt,
+        info: CheckpointInfo,
+        device: str | torch.device = "auto",
+        path: Path | None = None,
+        fast: bool = True,
+    ):
         self.device = select_device(device)
         self.model = model.float().eval().requires_grad_(False).to(self.device)
         self.info = info
         self.classes = list(info.classes)
         self.preprocessing = info.preprocessing
         self.path = path
+        if self.device.type == "cpu":
+            configure_cpu_threads()
+        self._backbone = self.model.forward_features
+        self.fast_path = "off"
+        if fast:
+            self._backbone, self.fast_path = fast_backbone(self.model, self.device, self.preprocessing.input_size)
 
     def __repr__(self) -> str:
         arch = self.info.architecture
         return (
             f"Classifier(layers={arch['layers']}, {arch['cardinality']}x{arch['group_depth']}d, "
-            f"{len(self.classes)} classes, device={self.device.type}, path={self.path})"
+            f"{len(self.classes)} classes, device={self.device.type}, fast_path={self.fast_path!r}, path={self.path})"
         )
 
     def preprocess(self, image: ImageInput) -> Tensor:
@@ -94,7 +113,7 @@ class Classifier:
     def features(self, batch: Tensor) -> Tensor:
         """(B, 3, H, W) network input -> conv5 activation, computed without autograd."""
         with torch.inference_mode():
-            return self.model.forward_features(batch.to(self.device))
+            return self._backbone(batch.to(self.device))
 
     def logits(self, features: Tensor) -> Tensor:
         """conv5 activation -> logits (B, num_classes), fp32."""
@@ -188,8 +207,12 @@ class Classifier:
         ]
 
 
-def load_classifier(path: str | os.PathLike | None = None, device: str | torch.device = "auto") -> Classifier:
+def load_classifier(
+    path: str | os.PathLike | None = None, device: str | torch.device = "auto", fast: bool = True
+) -> Classifier:
     """Load a checkpoint (default: the bird model in ``checkpoints/``) as a :class:`Classifier`.
+
+    ``fast=False`` turns off the fast inference path (see :class:`Classifier`).
 
     Raises:
         FileNotFoundError: no checkpoint at ``path`` (or no default model installed).
@@ -203,4 +226,4 @@ def load_classifier(path: str | os.PathLike | None = None, device: str | torch.d
             )
     path = Path(path)
     model, info = load_checkpoint(path)
-    return Classifier(model, info, device=device, path=path)
+    return Classifier(model, info, device=device, path=path, fast=fast)

@@ -11,7 +11,14 @@ from conftest import CLASSES
 
 @pytest.fixture(scope="module")
 def classifier(tiny_checkpoint):
+    """The classifier as users get it: fast path on."""
     return load_classifier(tiny_checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def exact(tiny_checkpoint):
+    """The plain fp32 path, for comparisons with reference implementations."""
+    return load_classifier(tiny_checkpoint, device="cpu", fast=False)
 
 
 def test_public_attributes(classifier, photo):
@@ -22,10 +29,10 @@ def test_public_attributes(classifier, photo):
     assert x.shape == (1, 3, 64, 64) and x.dtype == torch.float32
 
 
-def test_predict_matches_the_model_and_is_sorted(classifier, photo):
-    (top,) = classifier.predict(photo, k=3)
+def test_predict_matches_the_model_and_is_sorted(exact, photo):
+    (top,) = exact.predict(photo, k=3)
     with torch.no_grad():
-        probs = torch.softmax(classifier.model(classifier.preprocess(photo)), dim=1)[0]
+        probs = torch.softmax(exact.model(exact.preprocess(photo)), dim=1)[0]
     expected = probs.argsort(descending=True)[:3].tolist()
     assert [p.index for p in top] == expected
     assert [p.label for p in top] == [CLASSES[i] for i in expected]
@@ -72,24 +79,24 @@ def _naive_gradcam(checkpoint, method_class, x, target):
 
 
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam"])
-def test_one_pass_cam_equals_naive_full_model_cam(classifier, tiny_checkpoint, photo, method):
+def test_one_pass_cam_equals_naive_full_model_cam(exact, tiny_checkpoint, photo, method):
     import pytorch_grad_cam
 
     for target in (None, 3):
-        explanation = classifier.explain(photo, target=target, method=method)
+        explanation = exact.explain(photo, target=target, method=method)
         method_class = getattr(pytorch_grad_cam, CAM_METHODS[method])
-        naive = _naive_gradcam(tiny_checkpoint, method_class, classifier.preprocess(photo), explanation.target)
+        naive = _naive_gradcam(tiny_checkpoint, method_class, exact.preprocess(photo), explanation.target)
         assert explanation.cam.shape == naive.shape == (64, 64)
         assert np.abs(explanation.cam - naive).max() < 1e-4
         assert explanation.cam.max() > 0.5  # a real map, not all zeros
 
 
-def test_finercam_contrasts_with_the_closest_classes(classifier, tiny_checkpoint, photo):
+def test_finercam_contrasts_with_the_closest_classes(exact, tiny_checkpoint, photo):
     from pytorch_grad_cam import FinerCAM
 
     model, _ = load_checkpoint(tiny_checkpoint)
-    x = classifier.preprocess(photo)
-    explanation = classifier.explain(photo, method="finercam")
+    x = exact.preprocess(photo)
+    explanation = exact.explain(photo, method="finercam")
     with FinerCAM(model, target_layers=[model.conv5]) as cam:
         naive = cam(input_tensor=x, target_idx=explanation.target)[0]
     assert np.abs(explanation.cam - naive).max() < 1e-4
