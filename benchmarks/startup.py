@@ -1,0 +1,127 @@
+"""Start-up time and memory of the app, against the floor of importing torch and gradio.
+
+Times ``python app.py`` from launch to the first successful ``/classify`` answer over HTTP (via
+gradio_client, imported before the clock starts), against ``python -c "import torch, gradio"``;
+then sends more requests and reads the server's peak RSS (VmHWM). Medians over ``--repeats``.
+
+    python benchmarks/startup.py [--checkpoint PATH] [--repeats 3] [--requests 20] [--json]
+
+Without a checkpoint it uses the default bird model if installed, else a randomly initialised
+ResNeXt-50 with 100 classes (the same size and start-up work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from gradio_client import Client, handle_file  # noqa: E402
+
+from latency import random_checkpoint  # noqa: E402
+from resnext.inference import DEFAULT_CHECKPOINT  # noqa: E402
+
+ENV = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def import_floor() -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch, gradio"], check=True, env=ENV, cwd=ROOT)
+    return time.perf_counter() - start
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc status")
+
+
+def app_run(checkpoint: Path, photo: Path, requests: int, timeout: float = 180.0) -> tuple[float, float]:
+    """Seconds from launch to the first /classify answer, and peak RSS (MB) after ``requests`` more."""
+    port = free_port()
+    start = time.perf_counter()
+    server = subprocess.Popen(
+        [sys.executable, "app.py", "--checkpoint", str(checkpoint), "--port", str(port)],
+        cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        client = None
+        while client is None:
+            if server.poll() is not None:
+                raise RuntimeError(f"app.py exited with {server.returncode}")
+            if time.perf_counter() - start > timeout:
+                raise TimeoutError("app did not answer in time")
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+            except Exception:  # not listening yet
+                time.sleep(0.05)
+        client.predict(handle_file(str(photo)), 5, api_name="/classify")
+        first_answer = time.perf_counter() - start
+        for _ in range(requests):
+            client.predict(handle_file(str(photo)), 5, api_name="/classify")
+        return first_answer, peak_rss_mb(server.pid)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=20, help="requests served before reading peak RSS")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="startup-"))
+    checkpoint = args.checkpoint or (DEFAULT_CHECKPOINT if DEFAULT_CHECKPOINT.is_file() else None)
+    checkpoint = checkpoint or random_checkpoint(work / "random_resnext50.safetensors")
+    photo = work / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (227, 227, 3), dtype=np.uint8)).save(photo)
+
+    floors, starts, rss = [], [], []
+    for _ in range(args.repeats):  # interleaved, so both see the same machine load and file cache
+        floors.append(import_floor())
+        first, peak = app_run(checkpoint, photo, args.requests)
+        starts.append(first)
+        rss.append(peak)
+    result = {
+        "import_floor_s": round(statistics.median(floors), 2),
+        "first_answer_s": round(statistics.median(starts), 2),
+        "startup_ratio": round(statistics.median(starts) / statistics.median(floors), 2),
+        "peak_rss_mb": round(max(rss)),
+        "requests": args.requests,
+        "checkpoint": checkpoint.name,
+    }
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"import torch, gradio: {result['import_floor_s']:.2f} s (floor)")
+    print(f"python app.py -> first /classify answer: {result['first_answer_s']:.2f} s, "
+          f"ratio {result['startup_ratio']:.2f} (target <= 2)")
+    print(f"peak RSS after {args.requests} requests: {result['peak_rss_mb']} MB (target <= 1536)")
+
+
+if __name__ == "__main__":
+    main()
