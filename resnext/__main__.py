@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,12 +32,49 @@ def main(argv: list[str] | None = None) -> int:
     info = commands.add_parser("info", help="print a checkpoint's metadata as JSON")
     info.add_argument("checkpoint", metavar="CHECKPOINT")
 
+    train = commands.add_parser("train", help="fine-tune on a class-folder tree or a .zip of one")
+    train.add_argument("data", metavar="DATA", help="folder with one sub-folder per class, or a .zip of it")
+    train.add_argument("--out", required=True, metavar="PATH.safetensors", help="checkpoint to write")
+    train.add_argument("--mode", choices=["quick", "full"], default="quick",
+                       help="quick: frozen backbone, new linear head (default); full: fine-tune")
+    train.add_argument("--init", default="default", metavar="default|imagenet|scratch|PATH",
+                       help="start point (default: the shipped bird model)")
+    train.add_argument("--arch", default="resnext50_32x4d", choices=["resnext50_32x4d", "resnext101_32x8d", "tiny"],
+                       help="architecture for --init scratch")
+    train.add_argument("--epochs", type=int, metavar="N")
+    train.add_argument("--image-size", type=int, metavar="S", help="training input size (default: the start point's)")
+    train.add_argument("--eval-size", type=int, metavar="S", help="validation and shipped input size (full mode)")
+    train.add_argument("--batch-size", type=int, default=32, metavar="B")
+    train.add_argument("--lr", type=float, help="head learning rate (backbone: x --backbone-lr-scale)")
+    train.add_argument("--backbone-lr-scale", type=float, default=0.1)
+    train.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="full mode")
+    train.add_argument("--weight-decay", type=float)
+    train.add_argument("--warmup-epochs", type=float, default=1.0)
+    train.add_argument("--label-smoothing", type=float, default=0.1)
+    train.add_argument("--train-layers", choices=["all", "conv5"], default="all", help="full mode: what trains")
+    train.add_argument("--augment", choices=["trivialaugment", "flip"], default="trivialaugment")
+    train.add_argument("--min-scale", type=float, default=0.25, help="random-resized-crop's smallest area")
+    train.add_argument("--mixup", type=float, default=0.0, help="probability of mixup/cutmix per batch")
+    train.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0: off)")
+    train.add_argument("--val-split", type=float, default=0.15, metavar="F")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    train.add_argument("--precision", choices=["auto", "fp32"], default="auto")
+    train.add_argument("--workers", type=int, help="data-loading processes (default 0 on CPU, 4 on CUDA)")
+
+    evaluate = commands.add_parser("evaluate", help="top-1/top-5 and per-class accuracy on a class-folder tree")
+    evaluate.add_argument("data", metavar="DATA")
+    evaluate.add_argument("--checkpoint", metavar="PATH", help="model file (default: the bird model)")
+    evaluate.add_argument("--image-size", type=int, metavar="S", help="input size (default: the checkpoint's)")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.add_argument("--device", default="auto")
+
     args = parser.parse_args(argv)
     if args.command == "predict" and args.topk < 1:
         parser.error(f"--topk must be at least 1, got {args.topk}")
     try:
-        return {"predict": _predict, "info": _info}[args.command](args)
-    except (FileNotFoundError, ValueError) as err:  # bad checkpoint, device: nothing to do
+        return {"predict": _predict, "info": _info, "train": _train, "evaluate": _evaluate}[args.command](args)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:  # bad data, checkpoint, device, download
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
 
@@ -89,6 +127,84 @@ def _info(args: argparse.Namespace) -> int:
 
     metadata = read_metadata(args.checkpoint).to_dict()
     print(json.dumps(metadata, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    from tqdm import tqdm
+
+    from .data import load_dataset
+    from .train import TrainConfig, TrainResult, iter_train
+
+    config = TrainConfig(
+        mode=args.mode, init=args.init, arch=args.arch, epochs=args.epochs, image_size=args.image_size,
+        eval_size=args.eval_size, batch_size=args.batch_size, lr=args.lr, backbone_lr_scale=args.backbone_lr_scale,
+        optimizer=args.optimizer, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+        label_smoothing=args.label_smoothing, train_layers=args.train_layers, augment=args.augment,
+        min_scale=args.min_scale, mixup=args.mixup, ema=args.ema, val_split=args.val_split, seed=args.seed,
+        device=args.device, precision=args.precision, workers=args.workers,
+    ).resolved()
+    workdir = Path(tempfile.mkdtemp(prefix="resnext-train-"))
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        data = load_dataset(args.data, val_split=args.val_split, seed=args.seed, workdir=workdir)
+        if rank == 0:
+            print(data.report.summary(), file=sys.stderr)
+        bar, result = None, None
+        for event in iter_train(data, config, out=args.out):
+            if isinstance(event, TrainResult):
+                result = event
+            elif rank != 0:
+                continue
+            elif event.stage == "features" and not event.steps:
+                print(event.message, file=sys.stderr)
+            elif event.stage in ("features", "train"):
+                if bar is None or bar.desc != event.stage:
+                    if bar is not None:
+                        bar.close()
+                    bar = tqdm(total=event.steps or None, desc=event.stage, unit="img" if event.stage == "features" else "step",
+                               file=sys.stderr, dynamic_ncols=True)
+                bar.n = event.step
+                postfix = {"loss": f"{event.loss:.3f}"} if event.loss is not None else {}
+                if event.images_per_s:
+                    postfix["img/s"] = f"{event.images_per_s:.1f}"
+                bar.set_postfix(postfix, refresh=True)
+            elif event.stage == "epoch":
+                val = f"{event.val_acc:.1%}" if event.val_acc is not None else "n/a"
+                line = (f"epoch {event.epoch}/{event.epochs}  loss {event.loss:.4f}  train acc {event.train_acc:.1%}  "
+                        f"val acc {val}  {event.elapsed_s:.0f}s")
+                (bar.write if bar is not None else print)(line, file=sys.stderr)
+        if bar is not None:
+            bar.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if rank == 0 and result is not None:
+        val = f"{result.val_acc:.1%}" if result.val_acc is not None else "n/a"
+        print(f"wrote {result.checkpoint} (best validation accuracy {val} at epoch {result.best_epoch}, {result.seconds:.0f}s)")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+    from .inference import display_name, load_classifier
+
+    classifier = load_classifier(args.checkpoint, device=args.device)
+    if args.image_size:
+        classifier.preprocessing = classifier.preprocessing.with_size(args.image_size)
+    report = evaluate(classifier, args.data)
+    for name in report["unknown_folders"]:
+        print(f"warning: folder {name!r} is not one of the model's classes; skipped", file=sys.stderr)
+    for item in report["skipped"]:
+        print(f"warning: {item['file']}: {item['reason']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False))
+        return 0
+    print(f"top-1 {report['top1']:.2%}  top-5 {report['top5']:.2%}  on {report['n']} images")
+    for label, acc in sorted(report["per_class"].items(), key=lambda kv: -kv[1]):
+        print(f"  {acc:7.1%}  {display_name(label)}  ({report['counts'][label]})")
     return 0
 
 

@@ -57,3 +57,38 @@ def photo_file(tmp_path, photo) -> Path:
     path = tmp_path / "bird.png"
     Image.fromarray(photo).save(path)
     return path
+
+
+SHAPES = ["red disc", "green square", "blue bar", "Wren-ü"]  # spaces, a dash, non-ASCII
+
+
+def shape_image(kind: int, rng: np.random.Generator, size: int = 48) -> np.ndarray:
+    """A picture of class ``kind``: a coloured shape at a random place, on noise."""
+    image = rng.normal(120, 25, (size, size, 3))
+    cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
+    yy, xx = np.mgrid[0:size, 0:size]
+    r = size // 5
+    if kind == 0:
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
+    elif kind == 1:
+        mask = (abs(yy - cy) < r) & (abs(xx - cx) < r)
+    elif kind == 2:
+        mask = abs(yy - cy) < r // 3
+    else:
+        mask = abs(xx - cx) < r // 3
+    colour = [(230, 30, 30), (30, 220, 40), (40, 40, 230), (240, 220, 30)][kind]
+    image[mask] = colour
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def make_shapes(root: Path, classes: int = 3, per_class: int = 12, seed: int = 0, size: int = 48) -> Path:
+    """A class-folder data set of coloured shapes, made in ``root``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for kind in range(classes):
+        folder = root / SHAPES[kind]
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(shape_image(kind, rng, size)).save(folder / f"{i:03d}.png")
+    return root

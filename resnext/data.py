@@ -1,0 +1,318 @@
+"""Training data from class folders or zips: safe extraction, validation, splits, a report.
+
+A data set is a folder with one sub-folder per class (class names are folder names, spaces,
+dashes and non-ASCII letters included), optionally inside one wrapping folder, optionally split
+into ``train/`` and ``val/`` (or ``test/``). A ``.zip`` of such a folder is extracted first, with
+limits that stop zip-slip and zip bombs. Every file that is not used is listed in the report with
+the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import stat
+import tempfile
+import zipfile
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from PIL import Image
+
+from .transforms import ImageLoadError, load_image
+
+__all__ = [
+    "DataError",
+    "Dataset",
+    "DataReport",
+    "IMAGE_EXTENSIONS",
+    "ZipLimits",
+    "load_dataset",
+    "safe_extract",
+]
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+MIN_SIDE = 16  # smaller images carry no usable detail
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "val"}
+IGNORED = {"__MACOSX", ".DS_Store", "Thumbs.db", "desktop.ini"}
+
+
+class DataError(ValueError):
+    """A data set that cannot be used; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class ZipLimits:
+    """Caps on what a zip may unpack to (zip bombs), checked before and while extracting."""
+
+    max_files: int = 20_000
+    max_bytes: int = 2 * 1024**3  # uncompressed total
+    max_ratio: int = 200  # uncompressed / compressed per entry; JPEGs are ~1, PNGs < 10
+
+
+@dataclass
+class DataReport:
+    """What was found: classes, images per class and split, and every skipped file with why."""
+
+    classes: list[str]
+    train_counts: dict[str, int]
+    val_counts: dict[str, int]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    split: str = "random"  # "random" (seeded, stratified) or "folders" (train/ + val/)
+
+    def to_dict(self) -> dict:
+        return {
+            "classes": self.classes,
+            "train_counts": self.train_counts,
+            "val_counts": self.val_counts,
+            "skipped": [{"file": f, "reason": r} for f, r in self.skipped],
+            "split": self.split,
+        }
+
+    def summary(self) -> str:
+        lines = [
+            f"{len(self.classes)} classes, {sum(self.train_counts.values())} training and "
+            f"{sum(self.val_counts.values())} validation images ({self.split} split)"
+        ]
+        for name in self.classes:
+            lines.append(f"  {name}: {self.train_counts[name]} train, {self.val_counts[name]} val")
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} files:")
+            lines += [f"  {f}: {r}" for f, r in self.skipped[:50]]
+            if len(self.skipped) > 50:
+                lines.append(f"  ... and {len(self.skipped) - 50} more")
+        return "\n".join(lines)
+
+
+@dataclass
+class Dataset:
+    """Image paths with class indices, split into train and validation."""
+
+    classes: list[str]
+    train: list[tuple[Path, int]]
+    val: list[tuple[Path, int]]
+    report: DataReport
+    root: Path
+
+
+def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike, limits: ZipLimits = ZipLimits()) -> list[tuple[str, str]]:
+    """Extract a zip into ``dest``, refusing anything that could land outside it or explode.
+
+    Absolute paths, ``..`` components, drive letters and symlink entries are refused (the whole
+    archive: such a zip is hostile, not merely untidy). Entry count, total declared size and
+    per-entry compression ratio are checked first; the bytes actually written are counted too,
+    in case the declared sizes lie. Folders named in :data:`IGNORED` are skipped.
+
+    Returns:
+        Entries skipped as harmless (e.g. ``__MACOSX``), as (name, reason).
+
+    Raises:
+        DataError: not a zip, a hostile entry, or a limit exceeded.
+    """
+    archive, dest = Path(archive), Path(dest)
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as err:
+        raise DataError(f"{archive.name}: not a readable zip file ({err})") from None
+    skipped = []
+    with zf:
+        entries = zf.infolist()
+        if len(entries) > limits.max_files:
+            raise DataError(f"{archive.name}: {len(entries):,} entries; the limit is {limits.max_files:,}")
+        declared = sum(e.file_size for e in entries)
+        if declared > limits.max_bytes:
+            raise DataError(
+                f"{archive.name}: unpacks to {declared:,} bytes; the limit is {limits.max_bytes:,}"
+            )
+        for entry in entries:
+            _check_entry(archive.name, entry, limits)
+        dest.mkdir(parents=True, exist_ok=True)
+        root = dest.resolve()
+        written = 0
+        for entry in entries:
+            parts = PurePosixPath(entry.filename.replace("\\", "/")).parts
+            if any(p in IGNORED or p.startswith("._") for p in parts):
+                skipped.append((entry.filename, "system file"))
+                continue
+            target = root.joinpath(*parts)
+            if not target.resolve().is_relative_to(root):  # belt and braces after _check_entry
+                raise DataError(f"{archive.name}: entry {entry.filename!r} would be written outside the folder")
+            if entry.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with zf.open(entry) as src, open(target, "wb") as out:
+                    while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        if written > limits.max_bytes:
+                            raise DataError(f"{archive.name}: unpacks to more than {limits.max_bytes:,} bytes")
+                        out.write(chunk)
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as err:
+                raise DataError(f"{archive.name}: damaged or unsupported entry {entry.filename!r} ({err})") from None
+    return skipped
+
+
+def _check_entry(name: str, entry: zipfile.ZipInfo, limits: ZipLimits) -> None:
+    filename = entry.filename.replace("\\", "/")
+    path = PurePosixPath(filename)
+    if path.is_absolute() or ".." in path.parts or (len(filename) > 1 and filename[1] == ":"):
+        raise DataError(f"{name}: entry {entry.filename!r} points outside the folder; refusing the zip")
+    mode = entry.external_attr >> 16
+    if stat.S_ISLNK(mode):
+        raise DataError(f"{name}: entry {entry.filename!r} is a symbolic link; refusing the zip")
+    if entry.compress_size and entry.file_size / entry.compress_size > limits.max_ratio and entry.file_size > 1 << 20:
+        raise DataError(
+            f"{name}: entry {entry.filename!r} expands {entry.file_size // entry.compress_size}x; "
+            "refusing a likely zip bomb"
+        )
+
+
+def _class_root(folder: Path) -> Path:
+    """Step into a single wrapping folder (``birds/Cardinal/...`` inside a zip, for instance)."""
+    while True:
+        children = [c for c in folder.iterdir() if c.name not in IGNORED and not c.name.startswith(".")]
+        dirs = [c for c in children if c.is_dir()]
+        files = [c for c in children if c.is_file()]
+        if len(dirs) == 1 and not any(f.suffix.lower() in IMAGE_EXTENSIONS for f in files):
+            inner = dirs[0]
+            if any(d.is_dir() for d in inner.iterdir()):  # its children are class folders
+                folder = inner
+                continue
+        return folder
+
+
+def _check_image(path: Path) -> str | None:
+    """Why ``path`` cannot be a training image, or None if it can."""
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return "not an image (extension)"
+    try:
+        image = load_image(path)
+    except (ImageLoadError, OSError) as err:
+        reason = str(err).split(": ", 1)[-1]
+        return "too large" if "too large" in reason else f"unreadable ({reason})"
+    if min(image.size) < MIN_SIDE:
+        return f"too small ({image.size[0]}x{image.size[1]}, needs {MIN_SIDE} px per side)"
+    return None
+
+
+def _scan_classes(folder: Path, skipped: list[tuple[str, str]], base: Path) -> dict[str, list[Path]]:
+    """Class name -> usable images (recursively under each class folder)."""
+    classes: dict[str, list[Path]] = {}
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        if entry.name in IGNORED or entry.name.startswith("."):
+            continue
+        if not entry.is_dir():
+            skipped.append((str(entry.relative_to(base)), "file outside any class folder"))
+            continue
+        images = []
+        for path in sorted(p for p in entry.rglob("*") if p.is_file()):
+            if any(part in IGNORED or part.startswith(".") for part in path.relative_to(entry).parts):
+                continue
+            reason = _check_image(path)
+            if reason:
+                skipped.append((str(path.relative_to(base)), reason))
+            else:
+                images.append(path)
+        classes[entry.name] = images
+    return classes
+
+
+def _validate(classes: dict[str, list[Path]], where: str) -> None:
+    if len(classes) < 2:
+        raise DataError(f"{where}: found {len(classes)} class folder(s); at least 2 are needed")
+    empty = [name for name, images in classes.items() if not images]
+    if empty:
+        raise DataError(f"{where}: class {empty[0]!r} has no usable image" + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""))
+    folded = Counter(name.casefold() for name in classes)
+    clashes = sorted(name for name in classes if folded[name.casefold()] > 1)
+    if clashes:
+        raise DataError(f"{where}: class names differ only by case: {clashes}")
+
+
+def _random_split(classes: dict[str, list[Path]], val_split: float, seed: int):
+    """Stratified: ``val_split`` of each class (at least one image when a class has 2 or more)."""
+    rng = random.Random(seed)
+    train, val = {}, {}
+    for name, images in classes.items():
+        images = list(images)
+        rng.shuffle(images)
+        n_val = round(len(images) * val_split)
+        if val_split > 0 and len(images) >= 2:
+            n_val = min(max(n_val, 1), len(images) - 1)
+        val[name], train[name] = images[:n_val], images[n_val:]
+    return train, val
+
+
+def load_dataset(source: str | os.PathLike, val_split: float = 0.15, seed: int = 0, workdir: str | os.PathLike | None = None) -> Dataset:
+    """Find, check and split a data set.
+
+    Args:
+        source: a class-folder tree, or a ``.zip`` of one (extracted into ``workdir``).
+        val_split: fraction of each class held out for validation when there are no
+            ``train/`` and ``val/`` (or ``test/``) folders.
+        seed: for the split.
+        workdir: where a zip is extracted (default: a new temporary folder; the caller removes it,
+            it is ``Dataset.root``'s top).
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist.
+        DataError: fewer than 2 classes, an empty class, case-clashing names, a bad zip.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such folder or zip file")
+    if not 0.0 <= val_split < 1.0:
+        raise DataError(f"val_split must be in [0, 1), got {val_split}")
+    skipped: list[tuple[str, str]] = []
+    folder, made = source, False
+    if source.is_file():
+        if source.suffix.lower() != ".zip":
+            raise DataError(f"{source.name}: expected a folder or a .zip file")
+        made = workdir is None
+        folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="resnext-data-"))
+    try:
+        if folder is not source:
+            skipped += safe_extract(source, folder)
+        return _split(source, folder, val_split, seed, skipped)
+    except BaseException:
+        if made:  # nobody else knows this folder exists
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _split(source: Path, folder: Path, val_split: float, seed: int, skipped: list[tuple[str, str]]) -> Dataset:
+    root = _class_root(folder)
+    splits = {SPLIT_NAMES[d.name.lower()]: d for d in root.iterdir() if d.is_dir() and d.name.lower() in SPLIT_NAMES}
+    if "train" in splits and "val" in splits:
+        train = _scan_classes(splits["train"], skipped, folder)
+        val = _scan_classes(splits["val"], skipped, folder)
+        _validate(train, f"{source.name}/{splits['train'].name}")
+        unknown = sorted(set(val) - set(train))
+        for name in unknown:
+            skipped.append((f"{splits['val'].name}/{name}", "validation class absent from train/"))
+        val = {name: val.get(name, []) for name in train}
+        split = "folders"
+    else:
+        train, val = _random_split(_scan_classes(root, skipped, folder), val_split, seed)
+        _validate({n: train[n] + val[n] for n in train}, source.name)
+        split = "random"
+    classes = list(train)
+    index = {name: i for i, name in enumerate(classes)}
+    report = DataReport(
+        classes=classes,
+        train_counts={n: len(train[n]) for n in classes},
+        val_counts={n: len(val[n]) for n in classes},
+        skipped=skipped,
+        split=split,
+    )
+    return Dataset(
+        classes=classes,
+        train=[(p, index[n]) for n in classes for p in train[n]],
+        val=[(p, index[n]) for n in classes for p in val[n]],
+        report=report,
+        root=folder,
+    )
