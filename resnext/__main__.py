@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--epochs", type=int, metavar="N")
     train.add_argument("--image-size", type=int, metavar="S", help="training input size (default: the start point's)")
     train.add_argument("--eval-size", type=int, metavar="S", help="validation and shipped input size (full mode)")
+    train.add_argument("--crop-fraction", type=float, metavar="F",
+                       help="centre crop / resize of the shipped preprocessing (1.0: whole image; default: the start point's)")
     train.add_argument("--batch-size", type=int, default=32, metavar="B")
     train.add_argument("--lr", type=float, help="head learning rate (backbone: x --backbone-lr-scale)")
     train.add_argument("--backbone-lr-scale", type=float, default=0.1)
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--mixup", type=float, default=0.0, help="probability of mixup/cutmix per batch")
     train.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0: off)")
     train.add_argument("--val-split", type=float, default=0.15, metavar="F")
+    train.add_argument("--max-classes", type=int, metavar="N", help="use only the first N class folders (name order)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto", help="auto, cpu or cuda")
     train.add_argument("--precision", choices=["auto", "fp32"], default="auto")
@@ -141,7 +144,7 @@ def _train(args: argparse.Namespace) -> int:
 
     config = TrainConfig(
         mode=args.mode, init=args.init, arch=args.arch, epochs=args.epochs, image_size=args.image_size,
-        eval_size=args.eval_size, batch_size=args.batch_size, lr=args.lr, backbone_lr_scale=args.backbone_lr_scale,
+        eval_size=args.eval_size, crop_fraction=args.crop_fraction, batch_size=args.batch_size, lr=args.lr, backbone_lr_scale=args.backbone_lr_scale,
         optimizer=args.optimizer, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
         label_smoothing=args.label_smoothing, train_layers=args.train_layers, augment=args.augment,
         min_scale=args.min_scale, mixup=args.mixup, ema=args.ema, val_split=args.val_split, seed=args.seed,
@@ -150,7 +153,7 @@ def _train(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="resnext-train-"))
     rank = int(os.environ.get("RANK", "0"))
     try:
-        data = load_dataset(args.data, val_split=args.val_split, seed=args.seed, workdir=workdir)
+        data = load_dataset(args.data, val_split=args.val_split, seed=args.seed, workdir=workdir, max_classes=args.max_classes)
         if rank == 0:
             print(data.report.summary(), file=sys.stderr)
         bar, result = None, None
@@ -173,6 +176,9 @@ def _train(args: argparse.Namespace) -> int:
                     postfix["img/s"] = f"{event.images_per_s:.1f}"
                 bar.set_postfix(postfix, refresh=True)
             elif event.stage == "epoch":
+                if bar is not None and bar.desc == "features":  # quick mode: extraction is over
+                    bar.close()
+                    bar = None
                 val = f"{event.val_acc:.1%}" if event.val_acc is not None else "n/a"
                 line = (f"epoch {event.epoch}/{event.epochs}  loss {event.loss:.4f}  train acc {event.train_acc:.1%}  "
                         f"val acc {val}  {event.elapsed_s:.0f}s")

@@ -199,12 +199,14 @@ def _check_image(path: Path) -> str | None:
     return None
 
 
-def _scan_classes(folder: Path, skipped: list[tuple[str, str]], base: Path) -> dict[str, list[Path]]:
-    """Class name -> usable images (recursively under each class folder)."""
+def _scan_classes(folder: Path, skipped: list[tuple[str, str]], base: Path, limit: int | None = None) -> dict[str, list[Path]]:
+    """Class name -> usable images (recursively under each class folder); the first ``limit`` classes."""
     classes: dict[str, list[Path]] = {}
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
         if entry.name in IGNORED or entry.name.startswith("."):
             continue
+        if limit is not None and entry.is_dir() and len(classes) >= limit:
+            break
         if not entry.is_dir():
             skipped.append((str(entry.relative_to(base)), "file outside any class folder"))
             continue
@@ -247,7 +249,13 @@ def _random_split(classes: dict[str, list[Path]], val_split: float, seed: int):
     return train, val
 
 
-def load_dataset(source: str | os.PathLike, val_split: float = 0.15, seed: int = 0, workdir: str | os.PathLike | None = None) -> Dataset:
+def load_dataset(
+    source: str | os.PathLike,
+    val_split: float = 0.15,
+    seed: int = 0,
+    workdir: str | os.PathLike | None = None,
+    max_classes: int | None = None,
+) -> Dataset:
     """Find, check and split a data set.
 
     Args:
@@ -257,6 +265,7 @@ def load_dataset(source: str | os.PathLike, val_split: float = 0.15, seed: int =
         seed: for the split.
         workdir: where a zip is extracted (default: a new temporary folder; the caller removes it,
             it is ``Dataset.root``'s top).
+        max_classes: use only the first N class folders (in name order), e.g. to try a big set.
 
     Raises:
         FileNotFoundError: ``source`` does not exist.
@@ -277,18 +286,20 @@ def load_dataset(source: str | os.PathLike, val_split: float = 0.15, seed: int =
     try:
         if folder is not source:
             skipped += safe_extract(source, folder)
-        return _split(source, folder, val_split, seed, skipped)
+        return _split(source, folder, val_split, seed, skipped, max_classes)
     except BaseException:
         if made:  # nobody else knows this folder exists
             shutil.rmtree(folder, ignore_errors=True)
         raise
 
 
-def _split(source: Path, folder: Path, val_split: float, seed: int, skipped: list[tuple[str, str]]) -> Dataset:
+def _split(source: Path, folder: Path, val_split: float, seed: int, skipped: list[tuple[str, str]],
+           max_classes: int | None) -> Dataset:
+    """Scan the class folders under ``folder`` and split them (by sub-folders, or at random)."""
     root = _class_root(folder)
     splits = {SPLIT_NAMES[d.name.lower()]: d for d in root.iterdir() if d.is_dir() and d.name.lower() in SPLIT_NAMES}
     if "train" in splits and "val" in splits:
-        train = _scan_classes(splits["train"], skipped, folder)
+        train = _scan_classes(splits["train"], skipped, folder, max_classes)
         val = _scan_classes(splits["val"], skipped, folder)
         _validate(train, f"{source.name}/{splits['train'].name}")
         unknown = sorted(set(val) - set(train))
@@ -297,7 +308,7 @@ def _split(source: Path, folder: Path, val_split: float, seed: int, skipped: lis
         val = {name: val.get(name, []) for name in train}
         split = "folders"
     else:
-        train, val = _random_split(_scan_classes(root, skipped, folder), val_split, seed)
+        train, val = _random_split(_scan_classes(root, skipped, folder, max_classes), val_split, seed)
         _validate({n: train[n] + val[n] for n in train}, source.name)
         split = "random"
     classes = list(train)

@@ -53,6 +53,7 @@ class TrainConfig:
     epochs: int | None = None  # quick: 60 head epochs; full: 10
     image_size: int | None = None  # training input size; default: the start point's
     eval_size: int | None = None  # validation and shipped input size; default: image_size
+    crop_fraction: float | None = None  # shipped centre crop / resize; default: the start point's (1.0: whole image)
     batch_size: int = 32
     lr: float | None = None  # head learning rate; quick 3e-3 (AdamW), full 1e-2 (SGD) / 1e-3 (AdamW)
     backbone_lr_scale: float = 0.1  # backbone lr = lr * this (full mode)
@@ -89,6 +90,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        if self.crop_fraction is not None and not 0.3 <= self.crop_fraction <= 1.0:
+            raise ValueError(f"crop_fraction must be between 0.3 and 1.0, got {self.crop_fraction}")
         for name in ("image_size", "eval_size"):
             value = getattr(self, name)
             if value is not None and not 32 <= value <= 1024:
@@ -311,6 +314,8 @@ def iter_train(data: Dataset, config: TrainConfig = TrainConfig(), out: str | os
     start = time.perf_counter()
 
     model, info, pre = load_start_point(config.init, config.arch)
+    if config.crop_fraction is not None:
+        pre = Preprocessing(pre.input_size, round(pre.input_size / config.crop_fraction), pre.mean, pre.std, pre.interpolation)
     model = copy.deepcopy(model)  # never mutate a model someone else may be serving
     if info is None or info.classes != data.classes:
         torch.manual_seed(config.seed)  # the same new head on every rank
@@ -400,6 +405,8 @@ def _quick(model, data, config, train_pre, eval_pre, device, rank, world, stop, 
                            message="computing features (once)")
     if batch:
         flush()
+    yield Progress("features", step=done, steps=total, images_per_s=done / (time.perf_counter() - t0),
+                   elapsed_s=time.perf_counter() - start, eta_s=0.0, message="features ready")
     features = torch.cat(feats)
     y = torch.tensor(labels)
     n_train = sum(config.views for _ in data.train)

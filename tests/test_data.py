@@ -167,3 +167,9 @@ def test_system_folders_in_zips_are_skipped(tmp_path):
     data = load_dataset(archive, workdir=tmp_path / "w")
     assert data.classes == sorted(SHAPES[:2])
     assert not (tmp_path / "w" / "__MACOSX").exists()
+
+
+def test_max_classes_takes_the_first_folders(tmp_path):
+    make_shapes(tmp_path / "d", classes=4, per_class=3)
+    data = load_dataset(tmp_path / "d", max_classes=2)
+    assert data.classes == sorted(SHAPES[:4])[:2]

@@ -178,3 +178,12 @@ def test_torchrun_with_two_gloo_processes(shapes, start, tmp_path):
     assert info.provenance["world_size"] == 2
     assert load_classifier(out).predict(next(shapes.rglob("*.png")))[0][0].label in SHAPES
     assert run.stdout.count("wrote ") == 1  # one process writes
+
+
+def test_crop_fraction_and_eval_size_are_shipped(shapes, start):
+    data = load_dataset(shapes)
+    result = train(data, TrainConfig(mode="full", init=str(start), epochs=1, batch_size=8, image_size=48,
+                                     eval_size=56, crop_fraction=1.0))
+    assert result.preprocessing.input_size == 56 and result.preprocessing.resize == 56
+    with pytest.raises(ValueError, match="crop_fraction"):
+        TrainConfig(crop_fraction=0.1).resolved()
