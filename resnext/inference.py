@@ -159,25 +159,34 @@ class Classifier:
             ValueError: unknown target or method, or a bad ``k``.
             FileNotFoundError, ImageLoadError: the image cannot be read.
         """
+        return self.explain_classes(image, [target], method, k)[0]
+
+    def explain_classes(
+        self, image: ImageInput, targets: Sequence[int | str | None], method: str = "gradcam", k: int = 5
+    ) -> list[Explanation]:
+        """:meth:`explain` for several classes of one image, from one forward pass.
+
+        ``None`` in ``targets`` means the top-1 class. Seeing the maps of the top-3 side by side
+        shows why the model hesitates between similar species.
+        """
         k = self._check_k(k)
         photo = load_image(image)
         x = self.preprocessing(photo).unsqueeze(0)  # (1, 3, S, S)
         features = self.features(x)  # (1, C, S/32, S/32)
         logits = self.logits(features)
+        probs = torch.softmax(logits[0], dim=0)
         predictions = self._top_k(logits, k)[0]
-        index = predictions[0].index if target is None else self.class_index(target)
+        indices = [predictions[0].index if t is None else self.class_index(t) for t in targets]
         size = self.preprocessing.input_size
-        cam = conv5_cams(self.model, features, [index], method, (size, size))[0]
-        return Explanation(
-            cam=cam,
-            target=index,
-            label=self.classes[index],
-            prob=float(torch.softmax(logits[0], dim=0)[index]),
-            predictions=predictions,
-            method=method.lower(),
-            photo=photo,
-            box=self.preprocessing.crop_box(*photo.size),
-        )
+        cams = conv5_cams(self.model, features, indices, method, (size, size))
+        box = self.preprocessing.crop_box(*photo.size)
+        return [
+            Explanation(
+                cam=cam, target=i, label=self.classes[i], prob=float(probs[i]), predictions=predictions,
+                method=method.lower(), photo=photo, box=box,
+            )
+            for cam, i in zip(cams, indices)
+        ]
 
     def class_index(self, target: int | str) -> int:
         """The output index of a class given by index or by name (stored or display form)."""

@@ -1,37 +1,155 @@
+import zipfile
+from pathlib import Path
+
 import gradio as gr
 import numpy as np
 import pytest
+import torch
 
 import app
-from resnext import display_name, load_classifier
+from resnext import display_name
 
-from conftest import CLASSES
-
-
-@pytest.fixture(scope="module")
-def classifier(tiny_checkpoint):
-    return load_classifier(tiny_checkpoint, device="cpu")
+from conftest import CLASSES, make_shapes
 
 
-def test_classify_returns_label_overlay_and_caption(classifier, photo):
-    label, overlay, caption = app.classify(classifier, photo, 3)
+@pytest.fixture()
+def registry(tiny_checkpoint, tmp_path):
+    (tmp_path / "work" / "models").mkdir(parents=True)
+    models = app.Models(tiny_checkpoint, "cpu", tmp_path / "work")
+    app.MODELS = models
+    return models
+
+
+def test_classify_returns_label_overlay_top3_and_caption(registry, photo):
+    label, overlay, trio, caption, explanation = app.classify(registry.get(None), photo, 3)
     assert len(label) == 3 and all(0 <= p <= 1 for p in label.values())
     assert set(label) <= {display_name(c) for c in CLASSES}  # readable names, not folder names
     assert overlay.shape == photo.shape and overlay.dtype == np.uint8
-    assert "Where the model looked" in caption and "CPU" in caption
+    assert len(trio) == 3 and all(img.shape == photo.shape for img, _ in trio)
+    assert [cap.split(" · ")[0] for _, cap in trio] == list(label)[:3]
+    assert "Where the model looked" in caption and "CPU" in caption and " ms" in caption
+    assert np.array_equal(app.reblend(explanation, 0.0), photo)  # opacity 0: the photo itself
 
 
-def test_classify_refuses_empty_and_bad_input_with_a_plain_message(classifier, tmp_path):
+def test_unsure_predictions_say_so(registry, photo, monkeypatch):
+    classifier = registry.get(None)
+    monkeypatch.setattr(app, "unsure_threshold", lambda c: 1.01)
+    assert "Not sure" in app.classify(classifier, photo, 3)[3]
+    monkeypatch.setattr(app, "unsure_threshold", lambda c: 0.0)
+    assert "Not sure" not in app.classify(classifier, photo, 3)[3]
+
+
+def test_explain_another_class_and_method(registry, photo):
+    _, _, _, caption, explanation = app.classify(registry.get(None), photo, 5, "Cactus Wren", "gradcam++")
+    assert explanation.label == "Cactus_Wren" and "Cactus Wren" in caption and "Grad-CAM++" in caption
+    with pytest.raises(gr.Error, match="unknown class"):
+        app.classify(registry.get(None), photo, 5, "Dodo")
+
+
+def test_big_photos_are_shrunk_for_display(registry):
+    big = np.zeros((3000, 2000, 3), np.uint8)
+    overlay = app.classify(registry.get(None), big, 1)[1]
+    assert overlay.shape == (1280, 853, 3)
+
+
+def test_empty_and_bad_input_give_plain_messages(registry, tmp_path):
     with pytest.raises(gr.Error, match="Add a photo"):
-        app.classify(classifier, None)
+        app.classify(registry.get(None), None)
     bad = tmp_path / "bad.jpg"
     bad.write_text("text")
     with pytest.raises(gr.Error, match="Could not read that image"):
-        app.classify(classifier, str(bad))
+        app.classify(registry.get(None), str(bad))
 
 
-def test_build_demo_without_launching(classifier):
-    demo = app.build_demo(classifier)
+def test_classify_many_writes_a_csv_and_marks_bad_files(registry, photo_file, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG broken")
+    rows, csv_path = app.classify_many(registry.get(None), [str(photo_file), str(bad)])
+    assert rows[0][0] == "bird.png" and rows[0][1] in {display_name(c) for c in CLASSES}
+    assert rows[1][0] == "broken.png" and rows[1][1].startswith("unreadable")
+    text = Path(csv_path).read_text().splitlines()
+    assert text[0] == ",".join(app.BATCH_HEADERS) and len(text) == 3
+
+
+def test_model_card_shows_the_stages(registry):
+    card = app.model_card(registry.get(None))
+    for stage in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc"):
+        assert f"| {stage} |" in card
+    assert "4 x 2d = 8" in card  # conv2's grouped 3x3: cardinality 4, group depth 2
+    assert "Black-footed Albatross" in card
+
+
+def test_upload_refuses_pickles_and_broken_files_and_keeps_the_model(registry, tmp_path):
+    pt = tmp_path / "model.pt"
+    torch.save({"a": 1}, pt)
+    with pytest.raises(gr.Error, match="Only .safetensors"):
+        app.upload_model(str(pt), registry.default)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(gr.Error, match="not a usable model"):
+        app.upload_model(str(broken), registry.default)
+    assert registry.names() == [registry.default]
+
+
+def test_upload_and_select_a_model(registry, tiny_checkpoint, tmp_path):
+    copy = tmp_path / "other birds.safetensors"
+    copy.write_bytes(tiny_checkpoint.read_bytes())
+    name, picker, *_ = app.upload_model(str(copy), registry.default)
+    assert name == "other birds" and name in registry.names() and picker["value"] == name
+    assert registry.get(name).classes == CLASSES
+
+
+def _class_inputs(folder: Path, classes: list[str]):
+    names = classes + [""] * (app.MAX_CLASSES_UI - len(classes))
+    files = [sorted(str(p) for p in (folder / c).glob("*.png")) for c in classes]
+    return names + files + [None] * (app.MAX_CLASSES_UI - len(classes))
+
+
+def test_check_data_reports_or_refuses(registry, tmp_path):
+    make_shapes(tmp_path / "d", classes=2, per_class=5)
+    classes = sorted(p.name for p in (tmp_path / "d").iterdir())
+    report = app.check_data(None, *_class_inputs(tmp_path / "d", classes))
+    assert "**2 classes**" in report
+    with pytest.raises(gr.Error, match="at least two classes|at least 2"):
+        app.check_data(None, *_class_inputs(tmp_path / "d", classes[:1]))
+    archive = tmp_path / "d.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("../evil.png", b"x")
+    with pytest.raises(gr.Error, match="points outside"):
+        app.check_data(str(archive), *([""] * app.MAX_CLASSES_UI + [None] * app.MAX_CLASSES_UI))
+    assert list((registry.workdir / "jobs").iterdir()) == []  # job folders are removed
+
+
+def test_training_from_the_ui_registers_a_new_model(registry, tmp_path):
+    make_shapes(tmp_path / "d", classes=3, per_class=8)
+    classes = sorted(p.name for p in (tmp_path / "d").iterdir())
+    updates = list(app.run_training(None, "quick", "current model", 10, None, "my shapes", registry.default, "s1",
+                                    *_class_inputs(tmp_path / "d", classes), progress=lambda *a, **k: None))
+    status, report, history, per_class, figure, download, *_ = updates[-1]
+    assert "Saved as **my shapes**" in status
+    assert "my shapes" in registry.names()
+    assert registry.get("my shapes").classes == classes
+    assert len(per_class) == 3 and figure is not None
+    assert Path(download["value"]).is_file()
+    assert set(history["metric"]) >= {"training loss", "validation accuracy"}
+    assert list((registry.workdir / "jobs").iterdir()) == []
+
+
+def test_stop_ends_a_run_without_a_model(registry, tmp_path):
+    make_shapes(tmp_path / "d", classes=2, per_class=6)
+    classes = sorted(p.name for p in (tmp_path / "d").iterdir())
+    run = app.run_training(None, "full", "current model", 50, None, "stopped", registry.default, "s2",
+                           *_class_inputs(tmp_path / "d", classes), progress=lambda *a, **k: None)
+    next(run)
+    app.stop_training("s2")
+    last = list(run)[-1]
+    assert last[0].startswith("Stopped")
+    assert "stopped" not in registry.names()
+    assert not list((registry.workdir / "models").glob("stopped*"))
+
+
+def test_build_demo_without_launching(registry):
+    demo = app.build_demo(registry)
     assert isinstance(demo, gr.Blocks)
-    api = [d for d in demo.config["dependencies"] if d.get("api_name") == "classify"]
-    assert len(api) == 1
+    public = {d.get("api_name") for d in demo.config["dependencies"] if d.get("api_visibility", "public") == "public"}
+    assert "classify" in public

@@ -184,3 +184,12 @@ def test_overlay_tints_only_what_the_network_saw(classifier):
     tinted = e.overlay_with(0.6).astype(int)
     assert (tinted[:, :20] == 128).all() and (tinted[:, 100:] == 128).all()  # outside the crop
     assert np.abs(tinted[10:80, 25:95] - 128).max() > 20  # inside: coloured
+
+
+def test_explain_classes_share_one_pass_and_match_single_calls(exact, photo):
+    many = exact.explain_classes(photo, [None, 2, "Cactus_Wren"], method="gradcam")
+    assert [e.target for e in many][1:] == [2, 1]
+    for e in many:
+        single = exact.explain(photo, target=e.target)
+        assert np.abs(e.cam - single.cam).max() < 1e-5
+        assert e.predictions == many[0].predictions
