@@ -60,15 +60,21 @@ def gpu_explain(classifier: Classifier, photo, targets, method, k):
 gpu_explain = gpu(gpu_explain)
 
 
-class PhotoInput(gr.Image):
-    """``gr.Image`` that hands over the uploaded file's path and turns Gradio's own opening of
-    the file (it peeks at every upload) into a plain message instead of a bare "Error"."""
+def photo_input(**kwargs) -> gr.Image:
+    """A ``gr.Image`` handing over the uploaded file's path, whose own peek at the file (Gradio
+    opens every upload) ends in a plain message instead of a bare "Error". The method is wrapped
+    on the instance: a subclass would be taken for a custom component with no front end."""
+    component = gr.Image(type="filepath", **kwargs)
+    preprocess = component.preprocess
 
-    def preprocess(self, payload):
+    def friendly(payload):
         try:
-            return super().preprocess(payload)
+            return preprocess(payload)
         except Exception as err:  # noqa: BLE001 - any failure here means "not an image we can read"
             raise gr.Error(f"Could not read that image: not an image file PIL can open ({type(err).__name__}).") from None
+
+    component.preprocess = friendly
+    return component
 
 
 # ----------------------------------------------------------------------------- models
@@ -255,9 +261,9 @@ def model_card(classifier: Classifier) -> str:
     for r in rows:
         grouped = f"{r['cardinality']} x {r['width'] // r['cardinality']}d = {r['width']}" if r["cardinality"] else ""
         lines.append(f"| {r['stage']} | {r['output']} | {r['channels']} | {r['blocks'] or ''} | {grouped} | "
-                     f"{r['params']:,} | {r['macs'] / 1e6:,.0f} M |")
+                     f"{r['params']:,} | {_si(r['macs'])} |")
     total_p, total_m = sum(r["params"] for r in rows), sum(r["macs"] for r in rows)
-    lines.append(f"| **total** | | | | | **{total_p:,}** | **{total_m / 1e9:.2f} G** |")
+    lines.append(f"| **total** | | | | | **{total_p:,}** | **{_si(total_m)}** |")
     lines.append("\n`conv1` is the 7x7/2 stem with its 3x3/2 max-pool; Grad-CAM maps come from `conv5`'s output.")
     prov = info.provenance
     if prov:
@@ -273,6 +279,13 @@ def model_card(classifier: Classifier) -> str:
     more = f" … and {len(classifier.classes) - 100} more" if len(classifier.classes) > 100 else ""
     lines += ["", f"**Classes** — {names}{more}"]
     return "\n".join(lines)
+
+
+def _si(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}" if unit == "G" else f"{n / size:,.0f} {unit}"
+    return f"{n:.0f}"
 
 
 def upload_model(file, current: str):
@@ -428,7 +441,9 @@ def run_training(zip_file, mode, start, epochs, image_size, new_name, current_mo
             if out.exists():
                 out = out.with_name(f"{name} {uuid.uuid4().hex[:4]}.safetensors")
             report = _report_markdown(data.report)
-            history = pd.DataFrame(columns=["epoch", "value", "metric"])
+            records: list[dict] = []
+            history = pd.DataFrame({"epoch": pd.Series(dtype=int), "value": pd.Series(dtype=float),
+                                    "metric": pd.Series(dtype=str)})
             yield ("Starting…", report, history, None, None, gr.update(visible=False), gr.skip(), gr.skip())
             last = 0.0
             try:
@@ -446,11 +461,11 @@ def run_training(zip_file, mode, start, epochs, image_size, new_name, current_mo
                                 "epoch": f"Epoch {event.epoch}/{event.epochs}"}.get(event.stage, event.stage)
                         progress(min(1.0, event.step / event.steps), desc=desc + eta)
                     if event.stage == "epoch":
-                        rows = [{"epoch": event.epoch, "value": event.loss, "metric": "training loss"},
-                                {"epoch": event.epoch, "value": event.train_acc, "metric": "training accuracy"}]
+                        records += [{"epoch": event.epoch, "value": float(event.loss), "metric": "training loss"},
+                                    {"epoch": event.epoch, "value": float(event.train_acc), "metric": "training accuracy"}]
                         if event.val_acc is not None:
-                            rows.append({"epoch": event.epoch, "value": event.val_acc, "metric": "validation accuracy"})
-                        history = pd.concat([history, pd.DataFrame(rows)], ignore_index=True)
+                            records.append({"epoch": event.epoch, "value": float(event.val_acc), "metric": "validation accuracy"})
+                        history = pd.DataFrame(records)
                     if event.stage == "epoch" or time.perf_counter() - last > 1.0:
                         last = time.perf_counter()
                         status = f"Training ({mode} mode): {event.message or event.stage}"
@@ -524,7 +539,7 @@ def build_demo(registry: Models) -> gr.Blocks:
         with gr.Tab("Classify"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    photo = PhotoInput(type="filepath", label="Photo", sources=["upload", "webcam", "clipboard"], height=360,
+                    photo = photo_input(label="Photo", sources=["upload", "webcam", "clipboard"], height=360,
                                        elem_id="photo")
                     with gr.Row():
                         classify_model = gr.Dropdown(registry.names(), value=registry.default, label="Model", scale=2,
@@ -566,14 +581,16 @@ def build_demo(registry: Models) -> gr.Blocks:
                             uploads.append(gr.File(file_count="multiple", file_types=["image"], label="Photos", height=120))
                         groups.append(group)
                     with gr.Row():
-                        add_class = gr.Button("➕ Add class", size="sm")
-                        remove_class = gr.Button("➖ Remove class", size="sm")
+                        add_class = gr.Button("+ Add class", size="sm")
+                        remove_class = gr.Button("− Remove class", size="sm")
                 with gr.Column():
                     mode = gr.Radio(["quick", "full"], value="quick", label="Mode")
                     start = gr.Radio(["current model", "ImageNet", "scratch"], value="current model", label="Start from")
                     with gr.Row():
-                        epochs = gr.Number(value=None, label="Epochs (empty: 60 quick / 10 full)", precision=0)
-                        image_size = gr.Number(value=None, label="Image size (empty: the model's)", precision=0)
+                        epochs = gr.Number(value=0, label="Epochs (0 = automatic: 60 quick, 10 full)", precision=0,
+                                           minimum=0, maximum=300)
+                        image_size = gr.Number(value=0, label="Image size in px (0 = the model's own)", precision=0,
+                                               minimum=0, maximum=512)
                     new_name = gr.Textbox(label="Name of the new model", placeholder="my birds", elem_id="new-name")
                     with gr.Row():
                         check = gr.Button("Check data")
@@ -592,7 +609,7 @@ def build_demo(registry: Models) -> gr.Blocks:
                 model_picker = gr.Dropdown(registry.names(), value=registry.default, label="Active model", scale=2,
                                            elem_id="model-picker")
                 model_upload = gr.File(file_types=[".safetensors"], label="Add a model (.safetensors)", scale=1)
-            card = gr.Markdown(model_card(first))
+            card = gr.Markdown(model_card(first), elem_id="model-card")
 
         # --- events (internal ones are private: only /classify and a few others form the public API)
         private = {"api_visibility": "private"}

@@ -30,7 +30,12 @@ class Prediction(NamedTuple):
 
 
 def display_name(label: str) -> str:
-    """A class folder name made readable: ``Black_footed_Albatross`` -> ``Black-footed Albatross``."""
+    """A class folder name made readable: ``Black_footed_Albatross`` -> ``Black-footed Albatross``.
+
+    Only underscore-separated names (CUB's style) are rewritten; a name typed with spaces is kept.
+    """
+    if "_" not in label:
+        return label
     words = label.replace("_", " ").split()
     out = []
     for word in words:

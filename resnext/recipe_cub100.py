@@ -50,8 +50,12 @@ CONFIG = TrainConfig(
 EVAL_SIZES = (96, 112, 128, 144)
 
 
-def select_input_size(raw: Path, data, out: Path, sizes=EVAL_SIZES) -> dict:
-    """Evaluate ``raw`` on the validation split at each size; write ``out`` with the best one."""
+def select_input_size(raw: Path, data, out: Path, sizes=EVAL_SIZES, test: Path | None = None) -> dict:
+    """Evaluate ``raw`` on the validation split at each size; write ``out`` with the best one.
+
+    Also records the "unsure" threshold the app uses (the mean top-1 probability of the wrong
+    validation predictions: below it, a prediction looks like a typical mistake) and, with
+    ``test``, the test accuracy at the chosen size (recorded only; nothing is chosen on it)."""
     model, info = load_checkpoint(raw)
     val_dir = Path(tempfile.mkdtemp(prefix="cub100-val-"))
     try:
@@ -59,16 +63,27 @@ def select_input_size(raw: Path, data, out: Path, sizes=EVAL_SIZES) -> dict:
             target = val_dir / data.classes[label] / path.name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
-        scores = {}
+        reports = {}
         for size in sizes:
             classifier = Classifier(model, info, device="cpu")
             classifier.preprocessing = info.preprocessing.with_size(size)
-            scores[size] = evaluate(classifier, val_dir)["top1"]
+            reports[size] = evaluate(classifier, val_dir)
     finally:
         shutil.rmtree(val_dir, ignore_errors=True)
+    scores = {size: r["top1"] for size, r in reports.items()}
     best = max(scores, key=lambda s: (scores[s], -s))
     provenance = dict(info.provenance)
     provenance["input_size_selection"] = {"val_top1_by_size": scores, "chosen": best}
+    metrics = dict(provenance.get("metrics") or {})
+    metrics["val_top1"] = scores[best]
+    metrics["val_top5"] = reports[best]["top5"]
+    metrics["unsure_below"] = round(reports[best]["mean_confidence_wrong"] or 0.3, 3)
+    if test is not None:
+        classifier = Classifier(model, info, device="cpu")
+        classifier.preprocessing = info.preprocessing.with_size(best)
+        result = evaluate(classifier, test)
+        metrics["test_top1"], metrics["test_top5"], metrics["test_n"] = result["top1"], result["top5"], result["n"]
+    provenance["metrics"] = metrics
     save_checkpoint(out, model, info.classes, info.preprocessing.with_size(best), provenance)
     return provenance["input_size_selection"]
 
@@ -80,6 +95,8 @@ def main() -> None:
     parser.add_argument("--raw", type=Path, help="phase 1's checkpoint (default: next to --out, .raw)")
     parser.add_argument("--skip-training", action="store_true", help="only select the input size for --raw")
     parser.add_argument("--epochs", type=int, default=CONFIG.epochs)
+    parser.add_argument("--record-test", type=Path, metavar="DIR",
+                        help="also evaluate on this test folder and record the result in the metadata")
     args = parser.parse_args()
     raw = args.raw or args.out.with_suffix(".raw.safetensors")
     data = load_dataset(args.data, val_split=CONFIG.val_split, seed=CONFIG.seed)
@@ -94,7 +111,7 @@ def main() -> None:
 
         result = train(data, config, out=raw, callback=show)
         print(f"phase 1: best val {result.val_acc:.2%} at epoch {result.best_epoch}, {result.seconds / 60:.1f} min", flush=True)
-    chosen = select_input_size(raw, data, args.out)
+    chosen = select_input_size(raw, data, args.out, test=args.record_test)
     print(f"phase 2: validation top-1 by input size {chosen['val_top1_by_size']}; shipping {chosen['chosen']} px -> {args.out}")
 
 

@@ -161,6 +161,7 @@ def test_display_name():
     assert display_name("American_Three_toed_Woodpecker") == "American Three-toed Woodpecker"
     assert display_name("Black_and_white_Warbler") == "Black-and-white Warbler"
     assert display_name("ABBOTTS BABBLER") == "ABBOTTS BABBLER"
+    assert display_name("blue bar") == "blue bar"  # typed with spaces: kept as typed
 
 
 def test_device_choice():
