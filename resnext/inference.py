@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from PIL import Image
 from torch import Tensor
 
 from .checkpoint import CheckpointInfo, load_checkpoint
@@ -167,12 +166,13 @@ class Classifier:
         return self.explain_classes(image, [target], method, k)[0]
 
     def explain_classes(
-        self, image: ImageInput, targets: Sequence[int | str | None], method: str = "gradcam", k: int = 5
+        self, image: ImageInput, targets: Sequence[int | str | None], method: str = "gradcam", k: int = 5, top: int = 0
     ) -> list[Explanation]:
         """:meth:`explain` for several classes of one image, from one forward pass.
 
-        ``None`` in ``targets`` means the top-1 class. Seeing the maps of the top-3 side by side
-        shows why the model hesitates between similar species.
+        ``None`` in ``targets`` means the top-1 class; ``top=n`` appends the maps of the ``n`` most
+        probable classes. Seeing the top-3 side by side shows why the model hesitates between
+        similar species.
         """
         k = self._check_k(k)
         photo = load_image(image)
@@ -182,6 +182,7 @@ class Classifier:
         probs = torch.softmax(logits[0], dim=0)
         predictions = self._top_k(logits, k)[0]
         indices = [predictions[0].index if t is None else self.class_index(t) for t in targets]
+        indices += [p.index for p in self._top_k(logits, min(top, len(self.classes)))[0]] if top > 0 else []
         size = self.preprocessing.input_size
         cams = conv5_cams(self.model, features, indices, method, (size, size))
         box = self.preprocessing.crop_box(*photo.size)

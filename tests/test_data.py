@@ -3,7 +3,6 @@ import stat
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 

@@ -194,3 +194,10 @@ def test_explain_classes_share_one_pass_and_match_single_calls(exact, photo):
         single = exact.explain(photo, target=e.target)
         assert np.abs(e.cam - single.cam).max() < 1e-5
         assert e.predictions == many[0].predictions
+
+
+def test_explain_classes_appends_the_top_n(exact, photo):
+    many = exact.explain_classes(photo, [2], top=3)
+    (top,) = exact.predict(photo, k=3)
+    assert [e.target for e in many] == [2] + [p.index for p in top]
+    assert len(exact.explain_classes(photo, [None], top=50)) == 1 + len(CLASSES)  # clamped

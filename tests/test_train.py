@@ -160,7 +160,7 @@ def test_train_refuses_bad_data_in_one_line(tmp_path, start, capsys):
     make_shapes(tmp_path / "one", classes=1, per_class=3)
     assert main(["train", str(tmp_path / "one"), "--out", str(tmp_path / "x.safetensors"), "--init", str(start)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: one: found 1 class folder(s); at least 2 are needed"]
+    assert err == ["error: one: found 1 class folder(s); at least 2 are needed"]
     assert not (tmp_path / "x.safetensors").exists()
 
 
