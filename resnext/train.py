@@ -487,7 +487,9 @@ def _full(model, data, config, train_pre, eval_pre, device, rank, world, stop, s
         optimizer = torch.optim.SGD(param_groups, momentum=0.9, nesterov=True)
     else:
         optimizer = torch.optim.AdamW(param_groups)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True) if config.ema else None
+    # Only the weights are averaged: BN statistics gathered under other weights would not fit the
+    # average (early in a run that costs most of the accuracy); they are recomputed at the end.
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=False) if config.ema else None
 
     net = DistributedDataParallel(model) if world > 1 else model
     sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=config.seed) if world > 1 else None
@@ -550,7 +552,7 @@ def _full(model, data, config, train_pre, eval_pre, device, rank, world, stop, s
             yield Progress("train", epoch=epoch, epochs=config.epochs, step=step, steps=total_steps, loss=loss.item(),
                            images_per_s=seen / (time.perf_counter() - t0), elapsed_s=time.perf_counter() - start,
                            eta_s=_eta(t0, step, total_steps))
-        evaluated = ema.module if ema is not None else model
+        evaluated = model  # the EMA, if any, is judged once, at the end
         val_loss, confusion = _evaluate_tensors(evaluated, val_x, val_y, len(data.classes), device, amp, rank, world)
         stats = torch.tensor([loss_sum, correct, count], dtype=torch.float64)
         if world > 1:
@@ -569,8 +571,37 @@ def _full(model, data, config, train_pre, eval_pre, device, rank, world, stop, s
                        eta_s=_eta(t0, step, total_steps))
     _, state, best_epoch, confusion = best
     if ema is not None:
-        state = {k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"}
+        _recalibrate_batchnorm(ema.module, loader, device, amp)
+        val_loss, ema_confusion = _evaluate_tensors(ema.module, val_x, val_y, len(data.classes), device, amp, rank, world)
+        ema_acc, _ = _summarise(ema_confusion, data.classes)
+        best_acc, _ = _summarise(confusion, data.classes)
+        history[-1]["ema_val_acc"] = ema_acc
+        if ema_acc is None or best_acc is None or ema_acc >= best_acc:  # the average wins ties
+            state = {k: v.detach().cpu().clone() for k, v in ema.module.state_dict().items()}
+            best_epoch, confusion = config.epochs, ema_confusion
+        yield Progress("epoch", epoch=config.epochs, epochs=config.epochs, step=step, steps=total_steps,
+                       loss=history[-1]["loss"], train_acc=history[-1]["train_acc"], val_acc=ema_acc,
+                       elapsed_s=time.perf_counter() - start, eta_s=0.0, message="weight average (EMA) evaluated")
     return state, history, best_epoch, confusion
+
+
+def _recalibrate_batchnorm(model: nn.Module, loader, device, amp, max_batches: int = 50) -> None:
+    """Recompute BN running statistics for averaged weights (as SWA's ``update_bn`` does), from
+    up to ``max_batches`` training batches."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = {m: m.momentum for m in bns}
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the batches seen
+    model.train()
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        for i, (x, _) in enumerate(loader):
+            if i >= max_batches:
+                break
+            model(x.to(device).contiguous(memory_format=torch.channels_last))
+    for m in bns:
+        m.momentum = momenta[m]
+    model.eval()
 
 
 def _evaluate_tensors(model, x, y, num_classes, device, amp, rank, world) -> tuple[float, Tensor]:

@@ -59,6 +59,7 @@ def test_full_mode_lowers_the_loss(shapes, start):
     assert len(losses) == 6
     assert min(losses[-2:]) < losses[0]
     assert result.checkpoint is None  # no out: nothing written
+    assert 0.0 <= result.history[-1]["ema_val_acc"] <= 1.0  # the weight average was judged, BN recomputed
 
 
 def test_full_mode_conv5_only_keeps_earlier_stages(shapes, start):
