@@ -25,6 +25,7 @@ from .data import load_dataset
 from .evaluate import evaluate
 from .inference import DEFAULT_CHECKPOINT, Classifier
 from .train import TrainConfig, train
+from .transforms import Preprocessing
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = TrainConfig(
@@ -50,8 +51,28 @@ CONFIG = TrainConfig(
 EVAL_SIZES = (96, 112, 128, 144)
 
 
+def recalibrated(model, data, pre: Preprocessing, config: TrainConfig = CONFIG):
+    """A copy of ``model`` with BN statistics recomputed on the training split (see
+    ``train._recalibrate_batchnorm``): averaged (EMA) weights need statistics of their own."""
+    import copy
+
+    import torch
+
+    from .train import _AugmentedImages, _autocast_dtype, _decode, _recalibrate_batchnorm
+
+    size = config.image_size
+    images = _decode([p for p, _ in data.train], side=round(size * 1.3))
+    dataset = _AugmentedImages(images, [y for _, y in data.train], size, pre, config)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(config.seed))
+    copy_ = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    _recalibrate_batchnorm(copy_, loader, torch.device("cpu"), _autocast_dtype(torch.device("cpu"), "auto"))
+    return copy_
+
+
 def select_input_size(raw: Path, data, out: Path, sizes=EVAL_SIZES, test: Path | None = None) -> dict:
-    """Evaluate ``raw`` on the validation split at each size; write ``out`` with the best one.
+    """Evaluate ``raw`` on the validation split at each size, as trained and with its BN statistics
+    recomputed (:func:`recalibrated`); write ``out`` with the best pair.
 
     Also records the "unsure" threshold the app uses (the mean top-1 probability of the wrong
     validation predictions: below it, a prediction looks like a typical mistake) and, with
@@ -64,27 +85,36 @@ def select_input_size(raw: Path, data, out: Path, sizes=EVAL_SIZES, test: Path |
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
         reports = {}
-        for size in sizes:
-            classifier = Classifier(model, info, device="cpu")
-            classifier.preprocessing = info.preprocessing.with_size(size)
-            reports[size] = evaluate(classifier, val_dir)
+        candidates = {"as trained": model, "BN recomputed": recalibrated(model, data, info.preprocessing)}
+        for variant, candidate in candidates.items():
+            for size in sizes:
+                classifier = Classifier(candidate, info, device="cpu")
+                classifier.preprocessing = info.preprocessing.with_size(size)
+                reports[variant, size] = evaluate(classifier, val_dir)
     finally:
         shutil.rmtree(val_dir, ignore_errors=True)
-    scores = {size: r["top1"] for size, r in reports.items()}
-    best = max(scores, key=lambda s: (scores[s], -s))
+    scores = {key: r["top1"] for key, r in reports.items()}
+    variant, best = max(scores, key=lambda k: (scores[k], k[0] == "as trained", -k[1]))
+    model = candidates[variant].float().eval()
     provenance = dict(info.provenance)
-    provenance["input_size_selection"] = {"val_top1_by_size": scores, "chosen": best}
+    provenance["input_size_selection"] = {
+        "val_top1": {f"{v}, {s} px": round(t, 4) for (v, s), t in scores.items()},
+        "chosen": best,
+        "batchnorm": variant,
+    }
+    best = (variant, best)
     metrics = dict(provenance.get("metrics") or {})
     metrics["val_top1"] = scores[best]
     metrics["val_top5"] = reports[best]["top5"]
     metrics["unsure_below"] = round(reports[best]["mean_confidence_wrong"] or 0.3, 3)
+    size = best[1]
     if test is not None:
         classifier = Classifier(model, info, device="cpu")
-        classifier.preprocessing = info.preprocessing.with_size(best)
+        classifier.preprocessing = info.preprocessing.with_size(size)
         result = evaluate(classifier, test)
         metrics["test_top1"], metrics["test_top5"], metrics["test_n"] = result["top1"], result["top5"], result["n"]
     provenance["metrics"] = metrics
-    save_checkpoint(out, model, info.classes, info.preprocessing.with_size(best), provenance)
+    save_checkpoint(out, model, info.classes, info.preprocessing.with_size(size), provenance)
     return provenance["input_size_selection"]
 
 
@@ -112,7 +142,8 @@ def main() -> None:
         result = train(data, config, out=raw, callback=show)
         print(f"phase 1: best val {result.val_acc:.2%} at epoch {result.best_epoch}, {result.seconds / 60:.1f} min", flush=True)
     chosen = select_input_size(raw, data, args.out, test=args.record_test)
-    print(f"phase 2: validation top-1 by input size {chosen['val_top1_by_size']}; shipping {chosen['chosen']} px -> {args.out}")
+    print(f"phase 2: validation top-1 {chosen['val_top1']}; shipping {chosen['chosen']} px, "
+          f"BN {chosen['batchnorm']} -> {args.out}")
 
 
 if __name__ == "__main__":
