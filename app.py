@@ -671,12 +671,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="where uploads and fine-tuned models are written")
     args = parser.parse_args(argv)
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
+    if args.checkpoint is None and not DEFAULT_CHECKPOINT.is_file():
+        sys.exit(f"error: the default bird model is not installed ({DEFAULT_CHECKPOINT.name} is not in "
+                 f"checkpoints/); start the app on a model of yours with --checkpoint PATH")
     try:
         (args.workdir / "models").mkdir(parents=True, exist_ok=True)
         registry = Models(checkpoint, args.device, args.workdir)
         classifier = registry.get(registry.default)
     except (FileNotFoundError, ValueError, OSError) as err:
         sys.exit(f"error: {err}")
+    # The first explanation imports grad-cam (OpenCV, matplotlib): pay that before the first visitor.
+    classifier.explain(Image.new("RGB", (64, 64)), k=1)
     print(f"loaded {classifier}", flush=True)
     demo = build_demo(registry)
     demo.queue(default_concurrency_limit=2)
