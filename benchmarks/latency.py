@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from resnext import Preprocessing, load_classifier, save_checkpoint  # noqa: E402
 from resnext.checkpoint import load_checkpoint  # noqa: E402
+from resnext.checkpoint import to_torchvision as to_torchvision_names  # noqa: E402
 from resnext.inference import DEFAULT_CHECKPOINT  # noqa: E402
 from resnext.model import resnext50_32x4d  # noqa: E402
 
@@ -47,18 +48,9 @@ DATA = ROOT.parent / "shared" / "data" / "cub100" / "test"
 
 
 def to_torchvision(model) -> torch.nn.Module:
-    """Our weights in torchvision's module: the reverse of ``from_torchvision``."""
+    """Our weights in torchvision's module."""
     reference = torchvision.models.resnext50_32x4d(num_classes=model.num_classes)
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if name.startswith("conv1.0."):
-            name = "conv1." + name[len("conv1.0.") :]
-        elif name.startswith("conv1.1."):
-            name = "bn1." + name[len("conv1.1.") :]
-        elif name[:5] in ("conv2", "conv3", "conv4", "conv5"):
-            name = f"layer{int(name[4]) - 1}" + name[5:]
-        state[name] = tensor
-    reference.load_state_dict(state)
+    reference.load_state_dict(to_torchvision_names(model.state_dict()))
     return reference.eval()
 
 

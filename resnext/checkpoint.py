@@ -37,6 +37,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MAX_HEADER_BYTES",
     "from_torchvision",
+    "to_torchvision",
     "load_checkpoint",
     "read_metadata",
     "save_checkpoint",
@@ -230,5 +231,19 @@ def from_torchvision(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         elif name.startswith("layer"):
             stage, rest = name.split(".", 1)
             name = f"conv{int(stage[len('layer'):]) + 1}.{rest}"
+        renamed[name] = tensor
+    return renamed
+
+
+def to_torchvision(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The reverse of :func:`from_torchvision`: our names back to torchvision's (for references)."""
+    renamed = {}
+    for name, tensor in state_dict.items():
+        if name.startswith("conv1.0."):
+            name = "conv1." + name[len("conv1.0.") :]
+        elif name.startswith("conv1.1."):
+            name = "bn1." + name[len("conv1.1.") :]
+        elif name[:5] in ("conv2", "conv3", "conv4", "conv5"):
+            name = f"layer{int(name[4]) - 1}{name[5:]}"
         renamed[name] = tensor
     return renamed

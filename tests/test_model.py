@@ -3,6 +3,7 @@ import torch
 import torchvision
 
 from resnext import ResNeXt, from_torchvision, resnext50_32x4d, resnext101_32x8d, resnext_tiny
+from resnext.checkpoint import to_torchvision
 from resnext.model import Bottleneck, build_model
 
 from conftest import randomize_batchnorm, tiny_model
@@ -106,6 +107,14 @@ def test_torchvision_weights_map_to_identical_logits(ours, theirs):
     with torch.no_grad():
         diff = (model(x) - reference(x)).abs().max().item()
     assert diff < 1e-5
+
+
+def test_name_mapping_round_trips():
+    reference = torchvision.models.resnext50_32x4d(num_classes=10).state_dict()
+    ours = from_torchvision(reference)
+    assert set(ours) == set(resnext50_32x4d(10).state_dict())
+    back = to_torchvision(ours)
+    assert list(back) == list(reference) and all(back[k] is reference[k] for k in reference)
 
 
 def test_bad_arguments_raise_value_errors_naming_the_value():
