@@ -215,6 +215,21 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[ResNeXt, CheckpointInfo]:
     return model.eval(), info
 
 
+# torchvision's name prefix -> ours. ``layerN`` is the article's ``conv{N+1}`` stage.
+_TORCHVISION_PREFIXES = [("conv1.", "conv1.0."), ("bn1.", "conv1.1.")] + [(f"layer{i}.", f"conv{i + 1}.") for i in range(1, 5)]
+
+
+def _rename_prefixes(state_dict: dict[str, torch.Tensor], pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    renamed = {}
+    for name, tensor in state_dict.items():
+        for old, new in pairs:
+            if name.startswith(old):
+                name = new + name[len(old) :]
+                break
+        renamed[name] = tensor
+    return renamed
+
+
 def from_torchvision(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename a torchvision ResNet/ResNeXt state dict to this package's names.
 
@@ -222,28 +237,9 @@ def from_torchvision(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     ``conv2..conv5``; block internals and ``fc`` keep their names. Load the result with
     ``model.load_state_dict(...)`` into the matching builder, e.g. :func:`resnext50_32x4d`.
     """
-    renamed = {}
-    for name, tensor in state_dict.items():
-        if name.startswith("conv1."):
-            name = "conv1.0." + name[len("conv1.") :]
-        elif name.startswith("bn1."):
-            name = "conv1.1." + name[len("bn1.") :]
-        elif name.startswith("layer"):
-            stage, rest = name.split(".", 1)
-            name = f"conv{int(stage[len('layer'):]) + 1}.{rest}"
-        renamed[name] = tensor
-    return renamed
+    return _rename_prefixes(state_dict, _TORCHVISION_PREFIXES)
 
 
 def to_torchvision(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The reverse of :func:`from_torchvision`: our names back to torchvision's (for references)."""
-    renamed = {}
-    for name, tensor in state_dict.items():
-        if name.startswith("conv1.0."):
-            name = "conv1." + name[len("conv1.0.") :]
-        elif name.startswith("conv1.1."):
-            name = "bn1." + name[len("conv1.1.") :]
-        elif name[:5] in ("conv2", "conv3", "conv4", "conv5"):
-            name = f"layer{int(name[4]) - 1}{name[5:]}"
-        renamed[name] = tensor
-    return renamed
+    return _rename_prefixes(state_dict, [(ours, theirs) for theirs, ours in _TORCHVISION_PREFIXES])
