@@ -28,7 +28,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network at star
 import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from resnext import Classifier, ImageLoadError, display_name, load_classifier, load_image, read_metadata  # noqa: E402
+from resnext import Classifier, ImageLoadError, display_name, load_classifier, load_image  # noqa: E402
 from resnext.inference import DEFAULT_CHECKPOINT  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
@@ -297,7 +297,6 @@ def upload_model(file, current: str):
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(path, target)
     try:
-        read_metadata(target)
         load_classifier(target, device="cpu", fast=False)  # full check: shapes, values
     except (ValueError, FileNotFoundError) as err:
         target.unlink(missing_ok=True)

@@ -58,11 +58,9 @@ def recalibrated(model, data, pre: Preprocessing, config: TrainConfig = CONFIG):
 
     import torch
 
-    from .train import _AugmentedImages, _autocast_dtype, _decode, _recalibrate_batchnorm
+    from .train import _autocast_dtype, _recalibrate_batchnorm, augmented_training_set
 
-    size = config.image_size
-    images = _decode([p for p, _ in data.train], side=round(size * 1.3))
-    dataset = _AugmentedImages(images, [y for _, y in data.train], size, pre, config)
+    dataset = augmented_training_set(data, config.image_size, pre, config)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(config.seed))
     copy_ = copy.deepcopy(model).to(memory_format=torch.channels_last)

@@ -224,6 +224,13 @@ class _AugmentedImages(torch.utils.data.Dataset):
         return self.transform(self.images[i]), self.labels[i]
 
 
+def augmented_training_set(data: Dataset, size: int, pre: Preprocessing, config: TrainConfig) -> _AugmentedImages:
+    """``data``'s training images decoded once (shorter side 1.3x ``size``, room for the random
+    crops) with full mode's augmentation."""
+    images = _decode([p for p, _ in data.train], side=max(size, round(size * 1.3)))
+    return _AugmentedImages(images, [y for _, y in data.train], size, pre, config)
+
+
 def _eval_tensors(paths: list[Path], pre: Preprocessing) -> Tensor:
     return torch.stack([pre(load_image(p)) for p in paths]) if paths else torch.empty(0, 3, pre.input_size, pre.input_size)
 
@@ -464,8 +471,7 @@ def _full(model, data, config, train_pre, eval_pre, device, rank, world, stop, s
 
     size = train_pre.input_size
     yield Progress("features", message="decoding images into memory", elapsed_s=time.perf_counter() - start)
-    train_images = _decode([p for p, _ in data.train], side=max(size, round(size * 1.3)))
-    train_set = _AugmentedImages(train_images, [y for _, y in data.train], size, train_pre, config)
+    train_set = augmented_training_set(data, size, train_pre, config)
     val_x = _eval_tensors([p for p, _ in data.val], eval_pre)
     val_y = torch.tensor([y for _, y in data.val], dtype=torch.long)
 
@@ -552,8 +558,8 @@ def _full(model, data, config, train_pre, eval_pre, device, rank, world, stop, s
             yield Progress("train", epoch=epoch, epochs=config.epochs, step=step, steps=total_steps, loss=loss.item(),
                            images_per_s=seen / (time.perf_counter() - t0), elapsed_s=time.perf_counter() - start,
                            eta_s=_eta(t0, step, total_steps))
-        evaluated = model  # the EMA, if any, is judged once, at the end
-        val_loss, confusion = _evaluate_tensors(evaluated, val_x, val_y, len(data.classes), device, amp, rank, world)
+        # The raw weights are judged every epoch; the EMA, if any, once, at the end.
+        val_loss, confusion = _evaluate_tensors(model, val_x, val_y, len(data.classes), device, amp, rank, world)
         stats = torch.tensor([loss_sum, correct, count], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(stats)
@@ -564,7 +570,7 @@ def _full(model, data, config, train_pre, eval_pre, device, rank, world, stop, s
         history.append(record)
         score = val_acc if val_acc is not None else -record["loss"]
         if score > best[0]:
-            best = (score, {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()}, epoch, confusion)
+            best = (score, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, epoch, confusion)
         yield Progress("epoch", epoch=epoch, epochs=config.epochs, step=step, steps=total_steps, loss=record["loss"],
                        train_acc=record["train_acc"], val_acc=val_acc, val_loss=record["val_loss"],
                        images_per_s=seen / (time.perf_counter() - t0), elapsed_s=time.perf_counter() - start,
