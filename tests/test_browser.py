@@ -137,6 +137,7 @@ def test_stop_ends_a_full_run(page, tmp_path):
     page.get_by_role("tab", name="Fine-tune").click()
     page.locator("#zip-upload input[type=file]").set_input_files(str(archive))
     page.get_by_role("radio", name="full").check()
+    page.get_by_label("Epochs (0 = automatic: 60 quick, 10 full)").fill("300")  # long enough to still be running
     page.locator("#train").click()
     page.locator("#train-status").get_by_text("Training").wait_for(timeout=60_000)
     started = time.time()
