@@ -34,6 +34,7 @@ from resnext.inference import DEFAULT_CHECKPOINT  # noqa: E402
 ROOT = Path(__file__).resolve().parent
 ASSETS = ROOT / "assets"
 MAX_PHOTO_SIDE = 1280  # photos are shrunk to this for display and heatmaps (the network sees 224 px)
+KEEP_FILES_S = 3600  # uploads, heatmaps and CSVs served to a visitor are deleted after an hour
 UNSURE_DEFAULT = 0.30  # used when a checkpoint carries no threshold from its validation
 TOP1 = "Top-1 prediction"
 METHOD_NAMES = {
@@ -65,7 +66,7 @@ def photo_input(**kwargs) -> gr.Image:
     """A ``gr.Image`` handing over the uploaded file's path, whose own peek at the file (Gradio
     opens every upload) ends in a plain message instead of a bare "Error". The method is wrapped
     on the instance: a subclass would be taken for a custom component with no front end."""
-    component = gr.Image(type="filepath", **kwargs)
+    component = gr.Image(type="filepath", image_mode=None, **kwargs)  # Gradio only reads the header
     preprocess = component.preprocess
 
     def friendly(payload):
@@ -225,7 +226,7 @@ def classify_many(classifier: Classifier, files) -> tuple[list[list], str | None
         rows.append(row)
     if problems:
         gr.Warning(f"{problems} file(s) could not be read; they are marked in the table.")
-    out = Path(tempfile.mkdtemp(prefix="resnext-batch-")) / "predictions.csv"
+    out = _export_path("predictions", ".csv")
     with out.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(BATCH_HEADERS)
@@ -234,6 +235,18 @@ def classify_many(classifier: Classifier, files) -> tuple[list[list], str | None
 
 
 BATCH_HEADERS = ["file", "1st", "p1", "2nd", "p2", "3rd", "p3"]
+
+
+def _export_path(stem: str, suffix: str) -> Path:
+    """A fresh file name under the work folder's ``exports/``, whose files older than
+    :data:`KEEP_FILES_S` are removed on the way (Gradio serves its own copy of each)."""
+    folder = models().workdir / "exports"
+    folder.mkdir(parents=True, exist_ok=True)
+    cutoff = time.time() - KEEP_FILES_S
+    for old in folder.iterdir():
+        if old.stat().st_mtime < cutoff:
+            old.unlink(missing_ok=True)
+    return folder / f"{stem}-{uuid.uuid4().hex[:8]}{suffix}"
 
 
 # ----------------------------------------------------------------------------- model tab
@@ -334,7 +347,8 @@ class TrainingSlot:
     """One training run per app; others wait in Gradio's queue and see how many are ahead."""
 
     def __init__(self):
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # held by the run in progress
+        self.count = threading.Lock()  # guards ``waiting``
         self.stops: dict[str, threading.Event] = {}
         self.waiting = 0
 
@@ -420,10 +434,18 @@ def run_training(zip_file, mode, start, epochs, image_size, new_name, current_mo
     source, job = _source(zip_file, names, files)
     stop = SLOT.stops.setdefault(session_id, threading.Event())
     stop.clear()
-    SLOT.waiting += 1
     try:
-        with SLOT.lock:
-            SLOT.waiting -= 1
+        if not SLOT.lock.acquire(blocking=False):  # Gradio's queue (concurrency_limit=1) makes this rare
+            with SLOT.count:
+                SLOT.waiting += 1
+            try:
+                yield (f"Busy: another training run is in progress; yours starts when it ends ({SLOT.waiting} waiting).",
+                       "", None, None, None, gr.update(visible=False), gr.skip(), gr.skip())
+                SLOT.lock.acquire()
+            finally:
+                with SLOT.count:
+                    SLOT.waiting -= 1
+        try:
             try:
                 data = load_dataset(source, workdir=job / "unzipped" if source.suffix == ".zip" else None)
             except (DataError, FileNotFoundError) as err:
@@ -468,7 +490,7 @@ def run_training(zip_file, mode, start, epochs, image_size, new_name, current_mo
                         if event.val_acc is not None:
                             status += f" · validation accuracy {event.val_acc:.0%}"
                         yield (status, report, history, None, None, gr.update(visible=False), gr.skip(), gr.skip())
-            except (RuntimeError, ValueError, FileNotFoundError) as err:
+            except (RuntimeError, ValueError, OSError) as err:  # OSError: a full disk or read-only folder
                 raise gr.Error(str(err)) from None
             registered = registry.add(result.checkpoint, name)
             per_class = [[display_name(c), "" if a is None else round(a, 3), data.report.val_counts[c]]
@@ -480,6 +502,8 @@ def run_training(zip_file, mode, start, epochs, image_size, new_name, current_mo
                    report, history, per_class, confusion_figure(result.confusion, result.classes),
                    gr.update(value=str(result.checkpoint), visible=True),
                    gr.update(choices=choices), gr.update(choices=choices))
+        finally:
+            SLOT.lock.release()
     finally:
         shutil.rmtree(job, ignore_errors=True)
 
@@ -526,7 +550,7 @@ def build_demo(registry: Models) -> gr.Blocks:
     MODELS = registry
     first = registry.get(registry.default)
     n_classes = len(first.classes)
-    with gr.Blocks(title="ResNeXt bird classifier") as demo:
+    with gr.Blocks(title="ResNeXt bird classifier", delete_cache=(KEEP_FILES_S // 4, KEEP_FILES_S)) as demo:
         model_name = gr.State(registry.default)
         explanation = gr.State(None)
         session_id = gr.State(lambda: uuid.uuid4().hex)
@@ -655,7 +679,29 @@ def build_demo(registry: Models) -> gr.Blocks:
             concurrency_limit=1, concurrency_id="training", **private,
         )
         stop_button.click(stop_training, session_id, status, queue=False, **private)
+
+        def api_fine_tune(zip_upload, train_mode, n_epochs, name, session, progress=gr.Progress()):
+            """A zip of class folders, quick|full, epochs (0 = automatic), a name -> (status, new model file).
+            Starts from the default model; shares the one training slot with the Train button."""
+            final = None
+            for final in run_training(zip_upload, train_mode, "current model", n_epochs, 0, name, registry.default,
+                                      session, *[""] * MAX_CLASSES_UI, *[None] * MAX_CLASSES_UI, progress=progress):
+                pass
+            return final[0], final[5].get("value")
+
+        api_model = gr.File(visible=False)
+        gr.Button(visible=False).click(api_fine_tune, [zip_file, mode, epochs, new_name, session_id], [status, api_model],
+                         api_name="fine_tune", concurrency_limit=1, concurrency_id="training")
     return demo
+
+
+def tidy_workdir(workdir: Path) -> None:
+    """At start-up: create the work folder; remove what a killed run left (its job folder, a
+    checkpoint's temporary file). Finished models are never half-written (atomic rename)."""
+    (workdir / "models").mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(workdir / "jobs", ignore_errors=True)
+    for leftover in (workdir / "models").glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -674,7 +720,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: the default bird model is not installed ({DEFAULT_CHECKPOINT.name} is not in "
                  f"checkpoints/); start the app on a model of yours with --checkpoint PATH")
     try:
-        (args.workdir / "models").mkdir(parents=True, exist_ok=True)
+        tidy_workdir(args.workdir)
         registry = Models(checkpoint, args.device, args.workdir)
         classifier = registry.get(registry.default)
     except (FileNotFoundError, ValueError, OSError) as err:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,16 +31,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from gradio_client import Client, handle_file  # noqa: E402
 
 from latency import random_checkpoint  # noqa: E402
+from serve import ENV, AppServer  # noqa: E402
 from resnext.inference import DEFAULT_CHECKPOINT  # noqa: E402
-
-ENV = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def import_floor() -> float:
     start = time.perf_counter()
@@ -50,40 +40,28 @@ def import_floor() -> float:
     return time.perf_counter() - start
 
 
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc status")
-
-
-def app_run(checkpoint: Path, photo: Path, requests: int, timeout: float = 180.0) -> tuple[float, float]:
+def app_run(checkpoint: Path, photo: Path, requests: int, work: Path, timeout: float = 180.0) -> tuple[float, float]:
     """Seconds from launch to the first /classify answer, and peak RSS (MB) after ``requests`` more."""
-    port = free_port()
     start = time.perf_counter()
-    server = subprocess.Popen(
-        [sys.executable, "app.py", "--checkpoint", str(checkpoint), "--port", str(port)],
-        cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    app = AppServer(checkpoint, work, timeout).start()
     try:
         client = None
         while client is None:
-            if server.poll() is not None:
-                raise RuntimeError(f"app.py exited with {server.returncode}")
+            if app.proc.poll() is not None:
+                raise RuntimeError(f"app.py exited with {app.proc.returncode}: {app.output()[-2000:]}")
             if time.perf_counter() - start > timeout:
                 raise TimeoutError("app did not answer in time")
             try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                client = Client(app.url, verbose=False)
             except Exception:  # not listening yet
                 time.sleep(0.05)
         client.predict(handle_file(str(photo)), 5, api_name="/classify")
         first_answer = time.perf_counter() - start
         for _ in range(requests):
             client.predict(handle_file(str(photo)), 5, api_name="/classify")
-        return first_answer, peak_rss_mb(server.pid)
+        return first_answer, app.peak_rss_mb()
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        app.stop()
 
 
 def main() -> None:
@@ -103,7 +81,7 @@ def main() -> None:
     floors, starts, rss = [], [], []
     for _ in range(args.repeats):  # interleaved, so both see the same machine load and file cache
         floors.append(import_floor())
-        first, peak = app_run(checkpoint, photo, args.requests)
+        first, peak = app_run(checkpoint, photo, args.requests, work / f"app{len(starts)}")
         starts.append(first)
         rss.append(peak)
     result = {

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--topk must be at least 1, got {args.topk}")
     try:
         return {"predict": _predict, "info": _info, "train": _train, "evaluate": _evaluate}[args.command](args)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:  # bad data, checkpoint, device, download
+    except (OSError, ValueError, RuntimeError) as err:  # bad data, checkpoint, device, download, a failed write
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,9 @@ from torch import nn
 
 from resnext import Preprocessing, ResNeXt, resnext_tiny, save_checkpoint
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the load benchmark and app launcher are tested too
 CLASSES = ["Black_footed_Albatross", "Cactus_Wren", "Red_winged_Blackbird", "Barn_Swallow", "Anna_Hummingbird"]
 
 
@@ -92,3 +95,22 @@ def make_shapes(root: Path, classes: int = 3, per_class: int = 12, seed: int = 0
         for i in range(per_class):
             Image.fromarray(shape_image(kind, rng, size)).save(folder / f"{i:03d}.png")
     return root
+
+
+@pytest.fixture()
+def registry(tiny_checkpoint, tmp_path):
+    """The app's model registry on the tiny checkpoint, with a fresh work folder (app.MODELS set)."""
+    import app
+
+    (tmp_path / "work" / "models").mkdir(parents=True)
+    app.MODELS = app.Models(tiny_checkpoint, "cpu", tmp_path / "work")
+    return app.MODELS
+
+
+def class_inputs(folder: Path, classes: list[str]) -> list:
+    """The Fine-tune tab's class name boxes and photo uploads, filled from ``folder/<class>/*.png``."""
+    import app
+
+    names = classes + [""] * (app.MAX_CLASSES_UI - len(classes))
+    files = [sorted(str(p) for p in (folder / c).glob("*.png")) for c in classes]
+    return names + files + [None] * (app.MAX_CLASSES_UI - len(classes))

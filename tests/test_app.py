@@ -9,15 +9,7 @@ import torch
 import app
 from resnext import display_name
 
-from conftest import CLASSES, make_shapes
-
-
-@pytest.fixture()
-def registry(tiny_checkpoint, tmp_path):
-    (tmp_path / "work" / "models").mkdir(parents=True)
-    models = app.Models(tiny_checkpoint, "cpu", tmp_path / "work")
-    app.MODELS = models
-    return models
+from conftest import CLASSES, class_inputs, make_shapes
 
 
 def test_classify_returns_label_overlay_top3_and_caption(registry, photo):
@@ -99,19 +91,13 @@ def test_upload_and_select_a_model(registry, tiny_checkpoint, tmp_path):
     assert registry.get(name).classes == CLASSES
 
 
-def _class_inputs(folder: Path, classes: list[str]):
-    names = classes + [""] * (app.MAX_CLASSES_UI - len(classes))
-    files = [sorted(str(p) for p in (folder / c).glob("*.png")) for c in classes]
-    return names + files + [None] * (app.MAX_CLASSES_UI - len(classes))
-
-
 def test_check_data_reports_or_refuses(registry, tmp_path):
     make_shapes(tmp_path / "d", classes=2, per_class=5)
     classes = sorted(p.name for p in (tmp_path / "d").iterdir())
-    report = app.check_data(None, *_class_inputs(tmp_path / "d", classes))
+    report = app.check_data(None, *class_inputs(tmp_path / "d", classes))
     assert "**2 classes**" in report
     with pytest.raises(gr.Error, match="at least two classes|at least 2"):
-        app.check_data(None, *_class_inputs(tmp_path / "d", classes[:1]))
+        app.check_data(None, *class_inputs(tmp_path / "d", classes[:1]))
     archive = tmp_path / "d.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("../evil.png", b"x")
@@ -124,7 +110,7 @@ def test_training_from_the_ui_registers_a_new_model(registry, tmp_path):
     make_shapes(tmp_path / "d", classes=3, per_class=8)
     classes = sorted(p.name for p in (tmp_path / "d").iterdir())
     updates = list(app.run_training(None, "quick", "current model", 10, None, "my shapes", registry.default, "s1",
-                                    *_class_inputs(tmp_path / "d", classes), progress=lambda *a, **k: None))
+                                    *class_inputs(tmp_path / "d", classes), progress=lambda *a, **k: None))
     status, report, history, per_class, figure, download, *_ = updates[-1]
     assert "Saved as **my shapes**" in status
     assert "my shapes" in registry.names()
@@ -139,7 +125,7 @@ def test_stop_ends_a_run_without_a_model(registry, tmp_path):
     make_shapes(tmp_path / "d", classes=2, per_class=6)
     classes = sorted(p.name for p in (tmp_path / "d").iterdir())
     run = app.run_training(None, "full", "current model", 50, None, "stopped", registry.default, "s2",
-                           *_class_inputs(tmp_path / "d", classes), progress=lambda *a, **k: None)
+                           *class_inputs(tmp_path / "d", classes), progress=lambda *a, **k: None)
     next(run)
     app.stop_training("s2")
     last = list(run)[-1]

@@ -4,11 +4,7 @@ Skipped where Chromium or Playwright is missing (.ci/run installs both). Screens
 go to test-output/ for a person to look at.
 """
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -18,6 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_shapes
+from serve import AppServer
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 playwright = pytest.importorskip("playwright.sync_api")
@@ -30,33 +27,10 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
          "--disable-component-update", "--no-first-run"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory):
-    work = tmp_path_factory.mktemp("appwork")
-    port = free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen([sys.executable, "app.py", "--checkpoint", str(tiny_checkpoint), "--port", str(port),
-                             "--workdir", str(work)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(f"app.py exited: {proc.stdout.read()}")
-            time.sleep(0.3)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    with AppServer(tiny_checkpoint, tmp_path_factory.mktemp("appwork"), timeout=120) as app:
+        yield app.url
 
 
 @pytest.fixture(scope="module")
