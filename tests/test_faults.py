@@ -1,0 +1,165 @@
+"""Faults: killed runs, failed writes, two trainers at once, models switched under load.
+
+Nothing half-written may reach the model list, a failed write keeps the previous file, one
+training run holds the slot while the other says it waits, and every classify request is answered
+by one model, whole, however the model list changes meanwhile.
+"""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import gradio as gr
+import pytest
+
+import app
+from resnext import Preprocessing, display_name, load_checkpoint, save_checkpoint
+
+from conftest import class_inputs, make_shapes, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_PROGRESS = {"progress": lambda *a, **k: None}
+
+
+def test_killed_training_leaves_nothing_in_the_model_list(tmp_path, tiny_checkpoint):
+    make_shapes(tmp_path / "d", classes=2, per_class=20)
+    work = tmp_path / "work"
+    out = work / "models" / "killed.safetensors"
+    train = subprocess.Popen(
+        [sys.executable, "-m", "resnext", "train", str(tmp_path / "d"), "--out", str(out), "--mode", "full",
+         "--init", str(tiny_checkpoint), "--epochs", "500"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        for line in train.stdout:  # wait until it is really training
+            if "epoch" in line.lower():
+                break
+        assert train.poll() is None, "training ended before it could be killed"
+    finally:
+        train.send_signal(signal.SIGKILL)
+        train.wait(timeout=30)
+    assert not out.exists()
+    assert app.Models(None, "cpu", work).names() == []
+
+
+def test_a_write_killed_halfway_leaves_a_temp_file_that_is_never_listed_and_is_tidied(tmp_path, tiny_checkpoint):
+    work = tmp_path / "work"
+    previous = work / "models" / "birds.safetensors"
+    previous.parent.mkdir(parents=True)
+    previous.write_bytes(tiny_checkpoint.read_bytes())
+    script = (
+        "import os, sys, safetensors.torch as st\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from conftest import tiny_model, CLASSES\n"
+        "import resnext.checkpoint as ck\n"
+        "def dying_save(tensors, path, metadata=None):\n"
+        "    st.save_file(tensors, path, metadata=metadata)\n"
+        "    with open(path, 'r+b') as f: f.truncate(os.path.getsize(path) // 2)\n"
+        "    os._exit(9)  # the process dies between writing and renaming\n"
+        "ck.save_file = dying_save\n"
+        f"ck.save_checkpoint({str(previous)!r}, tiny_model(seed=1), CLASSES)\n"
+    )
+    died = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert died.returncode == 9
+    leftovers = list(previous.parent.glob(".*.tmp"))
+    assert len(leftovers) == 1  # the half-written file never took the real name ...
+    assert previous.read_bytes() == tiny_checkpoint.read_bytes()  # ... so the previous model is intact
+    assert app.Models(None, "cpu", work).names() == ["birds"]
+    app.tidy_workdir(work)
+    assert list(previous.parent.glob(".*.tmp")) == [] and previous.is_file()
+
+
+def test_a_full_disk_during_fine_tuning_is_a_plain_error_and_keeps_the_models(registry, tmp_path, monkeypatch):
+    make_shapes(tmp_path / "d", classes=2, per_class=6)
+    before = {name: path.read_bytes() for name, path in registry.paths.items()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("resnext.checkpoint.save_file", full_disk)
+    run = app.run_training(None, "quick", "current model", 5, None, "doomed", registry.default, "s-disk",
+                           *class_inputs(tmp_path / "d", ["green square", "red disc"]), **NO_PROGRESS)
+    with pytest.raises(gr.Error, match="No space left on device"):
+        list(run)
+    assert registry.names() == list(before) and "doomed" not in registry.names()
+    assert {name: path.read_bytes() for name, path in registry.paths.items()} == before
+    assert list((registry.workdir / "models").iterdir()) == []  # no temp file either
+    assert list((registry.workdir / "jobs").iterdir()) == []
+    assert not app.SLOT.lock.locked()  # the slot is free for the next run
+
+
+def test_two_trainers_get_one_run_and_one_busy_message(registry, tmp_path):
+    make_shapes(tmp_path / "d", classes=2, per_class=6)
+    inputs = class_inputs(tmp_path / "d", ["green square", "red disc"])
+    first = app.run_training(None, "full", "current model", 300, None, "first", registry.default, "s-first",
+                             *inputs, **NO_PROGRESS)
+    assert next(first)[0] == "Starting…"  # holds the slot now
+    second = app.run_training(None, "quick", "current model", 5, None, "second", registry.default, "s-second",
+                              *inputs, **NO_PROGRESS)
+    assert next(second)[0].startswith("Busy: another training run is in progress")
+    assert app.SLOT.waiting == 1
+    updates = []
+    waiter = threading.Thread(target=lambda: updates.extend(second))
+    waiter.start()
+    time.sleep(1.0)
+    assert waiter.is_alive() and updates == []  # waiting, not training
+    app.stop_training("s-first")
+    assert list(first)[-1][0].startswith("Stopped")
+    waiter.join(timeout=120)
+    assert not waiter.is_alive()
+    assert "Saved as **second**" in updates[-1][0]
+    assert registry.names() == [registry.default, "second"] and app.SLOT.waiting == 0
+
+
+def test_a_waiting_trainer_that_leaves_frees_its_place(registry, tmp_path):
+    make_shapes(tmp_path / "d", classes=2, per_class=6)
+    inputs = class_inputs(tmp_path / "d", ["green square", "red disc"])
+    app.SLOT.lock.acquire()  # somebody else's run
+    try:
+        waiting = app.run_training(None, "quick", "current model", 5, None, "gone", registry.default, "s-gone",
+                                   *inputs, **NO_PROGRESS)
+        assert next(waiting)[0].startswith("Busy")
+        waiting.close()  # the visitor closed the page
+        assert app.SLOT.waiting == 0
+    finally:
+        app.SLOT.lock.release()
+    assert list((registry.workdir / "jobs").iterdir()) == []
+
+
+def test_switching_models_under_load_answers_each_request_with_one_model(registry, tmp_path, photo):
+    other_classes = ["Tufted Puffin", "Snowy Owl", "Mallard"]
+    other = save_checkpoint(tmp_path / "owls.safetensors", tiny_model(len(other_classes), seed=3), other_classes,
+                            Preprocessing(input_size=64, resize=72))
+    registry.add(other, "owls")
+    registry._cache_size = 1  # every switch evicts and reloads: the harshest case
+    expected = {name: {display_name(c) for c in load_checkpoint(path)[1].classes} for name, path in registry.paths.items()}
+
+    def request(i: int):
+        name = ["owls", registry.default][i % 2]
+        label, overlay, trio, caption, explanation = app.classify(registry.get(name), photo, top_k=3)
+        return name, set(label), explanation.label
+
+    def switcher(stop: threading.Event):
+        while not stop.is_set():
+            for name in list(registry.names()):
+                app.select_model(name)
+
+    stop = threading.Event()
+    flipping = threading.Thread(target=switcher, args=(stop,))
+    flipping.start()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(request, range(40)))
+    finally:
+        stop.set()
+        flipping.join()
+    for name, labels, explained in answers:
+        assert len(labels) == 3 and labels <= expected[name], (name, labels)
+        assert display_name(explained) in expected[name]
