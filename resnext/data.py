@@ -114,7 +114,7 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike, limits: Zi
     archive, dest = Path(archive), Path(dest)
     try:
         zf = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError) as err:
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, UnicodeDecodeError) as err:
         raise DataError(f"{archive.name}: not a readable zip file ({err})") from None
     skipped = []
     with zf:
@@ -139,23 +139,27 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike, limits: Zi
             target = root.joinpath(*parts)
             if not target.resolve().is_relative_to(root):  # belt and braces after _check_entry
                 raise DataError(f"{archive.name}: entry {entry.filename!r} would be written outside the folder")
-            if entry.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
             try:
+                if entry.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(entry) as src, open(target, "wb") as out:
                     while chunk := src.read(1 << 20):
                         written += len(chunk)
                         if written > limits.max_bytes:
                             raise DataError(f"{archive.name}: unpacks to more than {limits.max_bytes:,} bytes")
                         out.write(chunk)
-            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as err:
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, UnicodeDecodeError) as err:
                 raise DataError(f"{archive.name}: damaged or unsupported entry {entry.filename!r} ({err})") from None
+            except OSError as err:  # a file and a folder of one name, a name too long for the disk...
+                raise DataError(f"{archive.name}: cannot extract entry {entry.filename!r} ({err.strerror or err})") from None
     return skipped
 
 
 def _check_entry(name: str, entry: zipfile.ZipInfo, limits: ZipLimits) -> None:
+    if not entry.filename:  # zipfile cuts a name at a NUL byte; an empty one breaks ZipInfo.is_dir
+        raise DataError(f"{name}: an entry has no name; refusing the zip")
     filename = entry.filename.replace("\\", "/")
     path = PurePosixPath(filename)
     if path.is_absolute() or ".." in path.parts or (len(filename) > 1 and filename[1] == ":"):
@@ -163,6 +167,8 @@ def _check_entry(name: str, entry: zipfile.ZipInfo, limits: ZipLimits) -> None:
     mode = entry.external_attr >> 16
     if stat.S_ISLNK(mode):
         raise DataError(f"{name}: entry {entry.filename!r} is a symbolic link; refusing the zip")
+    if entry.flag_bits & 0x1:
+        raise DataError(f"{name}: entry {entry.filename!r} is encrypted; upload a zip without a password")
     if entry.compress_size and entry.file_size / entry.compress_size > limits.max_ratio and entry.file_size > 1 << 20:
         raise DataError(
             f"{name}: entry {entry.filename!r} expands {entry.file_size // entry.compress_size}x; "
