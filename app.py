@@ -155,10 +155,17 @@ def _open_photo(image) -> Image.Image:
     try:
         photo = load_image(image)
     except (ImageLoadError, FileNotFoundError) as err:
-        raise gr.Error(f"Could not read that image: {err}") from None
+        raise gr.Error(f"Could not read that image: {_without_folder(err, image)}") from None
     photo = photo.copy()
     photo.thumbnail((MAX_PHOTO_SIDE, MAX_PHOTO_SIDE), Image.Resampling.BILINEAR)
     return photo
+
+
+def _without_folder(err: Exception, source) -> str:
+    """A loading error naming only the file, not the server's folder it was uploaded to."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(err).replace(str(source), Path(source).name, 1)
+    return str(err)
 
 
 def unsure_threshold(classifier: Classifier) -> float:
@@ -218,7 +225,8 @@ def classify_many(classifier: Classifier, files) -> tuple[list[list], str | None
             (top,) = classifier.predict(load_image(path), k=3)
         except (ImageLoadError, FileNotFoundError) as err:
             problems += 1
-            rows.append([path.name, f"unreadable: {str(err).split(': ', 1)[-1]}", "", "", "", "", ""])
+            rows.append([path.name, f"unreadable: {_without_folder(err, path).removeprefix(path.name + ': ')}",
+                         "", "", "", "", ""])
             continue
         row = [path.name]
         for p in top + [None] * (3 - len(top)):
@@ -402,7 +410,7 @@ def check_data(zip_file, *class_inputs):
     try:
         data = load_dataset(source, workdir=job / "unzipped" if source.suffix == ".zip" else None)
         return _report_markdown(data.report)
-    except (DataError, FileNotFoundError) as err:
+    except (DataError, OSError) as err:
         raise gr.Error(str(err)) from None
     finally:
         shutil.rmtree(job, ignore_errors=True)
@@ -448,7 +456,7 @@ def run_training(zip_file, mode, start, epochs, image_size, new_name, current_mo
         try:
             try:
                 data = load_dataset(source, workdir=job / "unzipped" if source.suffix == ".zip" else None)
-            except (DataError, FileNotFoundError) as err:
+            except (DataError, OSError) as err:
                 raise gr.Error(str(err)) from None
             init = {"current model": str(registry.paths[current_model or registry.default]),
                     "ImageNet": "imagenet", "scratch": "scratch"}[start]

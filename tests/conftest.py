@@ -98,12 +98,13 @@ def make_shapes(root: Path, classes: int = 3, per_class: int = 12, seed: int = 0
 
 
 @pytest.fixture()
-def registry(tiny_checkpoint, tmp_path):
-    """The app's model registry on the tiny checkpoint, with a fresh work folder (app.MODELS set)."""
+def registry(tiny_checkpoint, tmp_path, monkeypatch):
+    """The app's model registry on the tiny checkpoint, with a fresh work folder in
+    ``tmp_path/work`` (set as ``app.MODELS`` for the test)."""
     import app
 
     (tmp_path / "work" / "models").mkdir(parents=True)
-    app.MODELS = app.Models(tiny_checkpoint, "cpu", tmp_path / "work")
+    monkeypatch.setattr(app, "MODELS", app.Models(tiny_checkpoint, "cpu", tmp_path / "work"))
     return app.MODELS
 
 

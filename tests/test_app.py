@@ -1,3 +1,5 @@
+import os
+import time
 import zipfile
 from pathlib import Path
 
@@ -49,8 +51,9 @@ def test_empty_and_bad_input_give_plain_messages(registry, tmp_path):
         app.classify(registry.get(None), None)
     bad = tmp_path / "bad.jpg"
     bad.write_text("text")
-    with pytest.raises(gr.Error, match="Could not read that image"):
+    with pytest.raises(gr.Error, match="Could not read that image: bad.jpg: not an image") as err:
         app.classify(registry.get(None), str(bad))
+    assert str(tmp_path) not in err.value.message  # the server's folders stay private
 
 
 def test_classify_many_writes_a_csv_and_marks_bad_files(registry, photo_file, tmp_path):
@@ -58,9 +61,21 @@ def test_classify_many_writes_a_csv_and_marks_bad_files(registry, photo_file, tm
     bad.write_bytes(b"\x89PNG broken")
     rows, csv_path = app.classify_many(registry.get(None), [str(photo_file), str(bad)])
     assert rows[0][0] == "bird.png" and rows[0][1] in {display_name(c) for c in CLASSES}
-    assert rows[1][0] == "broken.png" and rows[1][1].startswith("unreadable")
+    assert rows[1][0] == "broken.png" and rows[1][1].startswith("unreadable: ") and str(tmp_path) not in rows[1][1]
+    assert Path(csv_path).parent == registry.workdir / "exports"
     text = Path(csv_path).read_text().splitlines()
     assert text[0] == ",".join(app.BATCH_HEADERS) and len(text) == 3
+
+
+def test_exported_csvs_expire_after_an_hour(registry, photo_file):
+    exports = registry.workdir / "exports"
+    exports.mkdir()
+    old, recent = exports / "predictions-old.csv", exports / "predictions-recent.csv"
+    for path, age in ((old, app.KEEP_FILES_S + 60), (recent, 60)):
+        path.write_text("file\n")
+        os.utime(path, (time.time() - age,) * 2)
+    _, csv_path = app.classify_many(registry.get(None), [str(photo_file)])
+    assert sorted(p.name for p in exports.iterdir()) == sorted([Path(csv_path).name, recent.name])
 
 
 def test_model_card_shows_the_stages(registry):
