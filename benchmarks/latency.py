@@ -54,6 +54,15 @@ def to_torchvision(model) -> torch.nn.Module:
     return reference.eval()
 
 
+def benchmark_checkpoint(given: Path | None, workdir: Path) -> Path:
+    """``given``, else the default bird model if installed, else a random ResNeXt-50 (same work)."""
+    if given is not None:
+        return given
+    if DEFAULT_CHECKPOINT.is_file():
+        return DEFAULT_CHECKPOINT
+    return random_checkpoint(workdir / "random_resnext50.safetensors")
+
+
 def random_checkpoint(path: Path) -> Path:
     torch.manual_seed(0)
     model = resnext50_32x4d(num_classes=100).eval()
@@ -167,10 +176,8 @@ def main() -> None:
     import tempfile
 
     workdir = Path(tempfile.mkdtemp(prefix="latency-"))
-    checkpoint = args.checkpoint or (DEFAULT_CHECKPOINT if DEFAULT_CHECKPOINT.is_file() else None)
-    trained = checkpoint is not None
-    if checkpoint is None:
-        checkpoint = random_checkpoint(workdir / "random_resnext50.safetensors")
+    trained = args.checkpoint is not None or DEFAULT_CHECKPOINT.is_file()
+    checkpoint = benchmark_checkpoint(args.checkpoint, workdir)
     model, info = load_checkpoint(checkpoint)
     if info.architecture["layers"] != [3, 4, 6, 3] or info.architecture["group_depth"] != 4:
         sys.exit(f"error: {checkpoint} is not a ResNeXt-50 32x4d; torchvision's reference would differ")

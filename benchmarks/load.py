@@ -197,8 +197,7 @@ def train_beside_classify(app: AppServer, pool: list[Client], photos: list[Path]
 
 
 def main() -> None:
-    from latency import random_checkpoint
-    from resnext.inference import DEFAULT_CHECKPOINT
+    from latency import benchmark_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path)
@@ -210,8 +209,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="load-"))
-    checkpoint = args.checkpoint or (DEFAULT_CHECKPOINT if DEFAULT_CHECKPOINT.is_file() else None)
-    checkpoint = checkpoint or random_checkpoint(work / "random_resnext50.safetensors")
+    checkpoint = benchmark_checkpoint(args.checkpoint, work)
     result = run(checkpoint, work, args.clients, args.calls, args.requests, not args.no_train, args.timeout)
     if args.json:
         print(json.dumps(result))

@@ -30,9 +30,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from gradio_client import Client, handle_file  # noqa: E402
 
-from latency import random_checkpoint  # noqa: E402
+from latency import benchmark_checkpoint  # noqa: E402
 from serve import ENV, AppServer  # noqa: E402
-from resnext.inference import DEFAULT_CHECKPOINT  # noqa: E402
 
 def import_floor() -> float:
     start = time.perf_counter()
@@ -73,8 +72,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="startup-"))
-    checkpoint = args.checkpoint or (DEFAULT_CHECKPOINT if DEFAULT_CHECKPOINT.is_file() else None)
-    checkpoint = checkpoint or random_checkpoint(work / "random_resnext50.safetensors")
+    checkpoint = benchmark_checkpoint(args.checkpoint, work)
     photo = work / "photo.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (227, 227, 3), dtype=np.uint8)).save(photo)
 

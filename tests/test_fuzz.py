@@ -33,6 +33,7 @@ from PIL import Image
 from resnext import ImageLoadError, Preprocessing, load_image
 from resnext.data import IGNORED, DataError, safe_extract
 
+from test_hostile import exif
 from test_transforms import png_declaring
 
 
@@ -99,19 +100,13 @@ def _sample(fmt: str, mode: str = "RGB", **kwargs) -> bytes:
     return buf.getvalue()
 
 
-def _exif(orientation: int) -> Image.Exif:
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    return exif
-
-
 SAMPLES = {
     "PNG": _sample("PNG"),
     "PNG-grey-alpha": _sample("PNG", "LA"),
     "PNG-palette": _sample("PNG", "P"),
     "JPEG": _sample("JPEG", quality=90),
     "JPEG-progressive": _sample("JPEG", progressive=True),
-    "JPEG-EXIF-rotated": _sample("JPEG", exif=_exif(6)),
+    "JPEG-EXIF-rotated": _sample("JPEG", exif=exif(6)),
     "GIF": _sample("GIF"),
     "GIF-animated": _sample("GIF-animated"),
     "WEBP": _sample("WEBP", lossless=True),
