@@ -698,14 +698,16 @@ def build_demo(registry: Models) -> gr.Blocks:
             return final[0], final[5].get("value")
 
         api_model = gr.File(visible=False)
-        gr.Button(visible=False).click(api_fine_tune, [zip_file, mode, epochs, new_name, session_id], [status, api_model],
-                         api_name="fine_tune", concurrency_limit=1, concurrency_id="training")
+        gr.Button(visible=False).click(api_fine_tune, [zip_file, mode, epochs, new_name, session_id],
+                                       [status, api_model], api_name="fine_tune", concurrency_limit=1,
+                                       concurrency_id="training")
     return demo
 
 
 def tidy_workdir(workdir: Path) -> None:
     """At start-up: create the work folder; remove what a killed run left (its job folder, a
-    checkpoint's temporary file). Finished models are never half-written (atomic rename)."""
+    checkpoint's temporary file). Finished models are never half-written (atomic rename).
+    One app per work folder: another app's running jobs would be removed too."""
     (workdir / "models").mkdir(parents=True, exist_ok=True)
     shutil.rmtree(workdir / "jobs", ignore_errors=True)
     for leftover in (workdir / "models").glob(".*.tmp"):
