@@ -153,4 +153,4 @@ def test_build_demo_without_launching(registry):
     demo = app.build_demo(registry)
     assert isinstance(demo, gr.Blocks)
     public = {d.get("api_name") for d in demo.config["dependencies"] if d.get("api_visibility", "public") == "public"}
-    assert "classify" in public
+    assert {"classify", "classify_many", "fine_tune"} <= public
