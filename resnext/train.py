@@ -44,6 +44,9 @@ class TrainingCancelled(RuntimeError):
     """Raised by :func:`train` when ``should_stop`` asked to stop; no file was written."""
 
 
+STARTED_FROM_KEYS = ("mode", "init", "epochs", "best_epoch", "config", "seconds", "device", "date")
+
+
 @dataclass
 class TrainConfig:
     """How to train. ``None`` fields get mode-dependent defaults (see :meth:`resolved`)."""
@@ -347,18 +350,21 @@ def iter_train(data: Dataset, config: TrainConfig = TrainConfig(), out: str | os
         model=model, preprocessing=eval_pre,
     )
     if out is not None and rank == 0:
+        init = config.init if config.init in ("default", "imagenet", "scratch") else Path(config.init).name
         provenance = {
             "data": {"root": Path(data.root).name, **data.report.to_dict(), "skipped": len(data.report.skipped)},
             "mode": config.mode,
-            "init": config.init if config.init in ("default", "imagenet", "scratch") else Path(config.init).name,
+            "init": init,  # a file name, never a path of this machine
             "epochs": config.epochs,
             "best_epoch": best_epoch,
-            "config": asdict(config),
+            "config": {**asdict(config), "init": init},
             "metrics": {"val_acc": val_acc, "per_class_val_acc": per_class},
             "seconds": round(result.seconds, 1),
             "world_size": world,
             "device": device.type,
         }
+        if info is not None:  # how the start point itself was made, one level deep
+            provenance["started_from"] = {k: info.provenance[k] for k in STARTED_FROM_KEYS if k in info.provenance}
         result.checkpoint = save_checkpoint(out, model, data.classes, eval_pre, provenance)
     if world > 1:
         dist.barrier()

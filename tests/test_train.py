@@ -43,6 +43,9 @@ def test_quick_mode_learns_a_separable_problem(shapes, start, tmp_path):
     model, info = load_checkpoint(out)
     assert info.classes == data.classes
     assert info.provenance["mode"] == "quick" and info.provenance["metrics"]["val_acc"] == result.val_acc
+    assert info.provenance["init"] == info.provenance["config"]["init"] == "tiny.safetensors"  # no machine path
+    assert str(start.parent) not in json.dumps(info.provenance)
+    assert info.provenance["started_from"]["date"] == read_metadata(start).provenance["date"]
     original, _ = load_checkpoint(start)
     for name, tensor in original.state_dict().items():  # quick mode trains the head only
         if not name.startswith("fc."):
