@@ -26,6 +26,7 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network at start-up
 
 import gradio as gr  # noqa: E402
+from gradio import processing_utils  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from resnext import Classifier, ImageLoadError, display_name, load_classifier, load_image  # noqa: E402
@@ -77,6 +78,31 @@ def photo_input(**kwargs) -> gr.Image:
 
     component.preprocess = friendly
     return component
+
+
+def _save_pil_to_cache(img: Image.Image, cache_dir: str, name: str = "image", format: str = "webp") -> str:
+    """gradio 6.31's ``processing_utils.save_pil_to_cache``, written without its race.
+
+    Gradio names a cached output image by the hash of its bytes and rewrites that file in place on
+    every call, so when two requests return the same image at once (two visitors clicking one
+    example) one of them can be served a file truncated mid-rewrite (measured: 1 % of requests in
+    ``benchmarks/load.py``). Here the file is written once, through a temporary name and a rename,
+    as Gradio already does for files (``save_file_to_cache``)."""
+    data = processing_utils.encode_pil_to_bytes(img, format)
+    folder = Path(cache_dir) / processing_utils.hash_bytes(data)
+    folder.mkdir(exist_ok=True, parents=True)
+    target = (folder / f"{name}.{format}").resolve()
+    if target.exists():
+        os.utime(target)  # delete_cache ages files by time: a reused file starts a new hour
+        return str(target)
+    fd, staging = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(staging, target)
+    return str(target)
+
+
+processing_utils.save_pil_to_cache = _save_pil_to_cache  # every image output goes through it
 
 
 # ----------------------------------------------------------------------------- models

@@ -154,3 +154,17 @@ def test_build_demo_without_launching(registry):
     assert isinstance(demo, gr.Blocks)
     public = {d.get("api_name") for d in demo.config["dependencies"] if d.get("api_visibility", "public") == "public"}
     assert {"classify", "classify_many", "fine_tune"} <= public
+
+
+def test_output_images_are_cached_once_never_rewritten_in_place(tmp_path):
+    """Two requests returning the same image must not rewrite the file a third is downloading."""
+    from gradio import processing_utils
+    from PIL import Image
+
+    image = Image.new("RGB", (40, 30), (200, 10, 10))
+    first = Path(processing_utils.save_pil_to_cache(image, str(tmp_path)))
+    assert Image.open(first).size == (40, 30)
+    first.write_bytes(b"being downloaded")  # stands for the copy someone is reading right now
+    again = Path(processing_utils.save_pil_to_cache(image.copy(), str(tmp_path)))
+    assert again == first and first.read_bytes() == b"being downloaded"
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no staging file left
