@@ -200,11 +200,12 @@ def unsure_threshold(classifier: Classifier) -> float:
 
 
 def classify(classifier: Classifier, image, top_k: int = 5, target: str | None = None, method: str = "gradcam",
-             opacity: float = 0.5):
+             opacity: float = 0.5, top3: bool = True):
     """Top-k, the conv5 heatmap over the photo, the top-3 heatmaps, a caption.
 
     Returns ``({species: probability}, overlay, [(overlay, caption)] * 3, caption markdown,
     explanation)``; the explanation is kept so the opacity slider can re-blend without recomputing.
+    ``top3=False`` leaves the top-3 overlays undrawn (an empty list), for callers that drop them.
     """
     photo = _open_photo(image)
     k = max(1, min(int(top_k), len(classifier.classes)))
@@ -217,7 +218,7 @@ def classify(classifier: Classifier, image, top_k: int = 5, target: str | None =
     elapsed = (time.perf_counter() - start) * 1000
     main, trio = explanations[0], explanations[1:]
     label = {display_name(p.label): p.prob for p in main.predictions}
-    gallery = [(e.overlay_with(opacity), f"{display_name(e.label)} · {e.prob:.0%}") for e in trio]
+    gallery = [(e.overlay_with(opacity), f"{display_name(e.label)} · {e.prob:.0%}") for e in trio] if top3 else []
     best = main.predictions[0]
     threshold = unsure_threshold(classifier)
     lines = []
@@ -686,7 +687,7 @@ def build_demo(registry: Models) -> gr.Blocks:
 
         def api_classify(image, k):
             """One photo (file) and top_k -> {species: probability} and the conv5 Grad-CAM overlay."""
-            result = classify(registry.get(registry.default), image, k)
+            result = classify(registry.get(registry.default), image, k, top3=False)  # not returned: not drawn
             return result[0], result[1]
 
         # A stable, minimal endpoint for gradio_client: /classify(image, top_k) -> (top-k, overlay).

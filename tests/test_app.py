@@ -25,6 +25,12 @@ def test_classify_returns_label_overlay_top3_and_caption(registry, photo):
     assert np.array_equal(app.reblend(explanation, 0.0), photo)  # opacity 0: the photo itself
 
 
+def test_without_top3_the_same_answer_and_no_gallery(registry, photo):
+    full = app.classify(registry.get(None), photo, 3)
+    lean = app.classify(registry.get(None), photo, 3, top3=False)
+    assert lean[0] == full[0] and np.array_equal(lean[1], full[1]) and lean[2] == []
+
+
 def test_unsure_predictions_say_so(registry, photo, monkeypatch):
     classifier = registry.get(None)
     monkeypatch.setattr(app, "unsure_threshold", lambda c: 1.01)
