@@ -130,34 +130,37 @@ def files_under(folder: Path) -> int:
     return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
 
 
-def run(checkpoint: Path, work: Path, clients: int = 8, calls: int = 25, requests: int = 500, train: bool = True,
-        timeout: float = 600.0, top_k: int = 5) -> dict:
+def work_files(app: AppServer) -> int:
+    """Files the app keeps in its work folder (CSV exports, models)."""
+    return files_under(app.workdir / "exports") + files_under(app.workdir / "models")
+
+
+def run(checkpoint: Path, work: Path, clients: int = 8, calls_per_client: int = 25, requests: int = 500,
+        train: bool = True, timeout: float = 600.0, top_k: int = 5) -> dict:
     photos = make_photos(work / "photos")
     result: dict = {"checkpoint": checkpoint.name, "clients": clients}
     with AppServer(checkpoint, work / "app") as app:
         deadline = time.monotonic() + timeout
         pool = [Client(app.url, verbose=False) for _ in range(clients)]
-        warm = Calls()
-        drive(pool, photos, warm, 2, deadline, top_k=top_k)
+        calls = Calls()  # every request; the phases are time windows of it
+        drive(pool, photos, calls, 2, deadline, top_k=top_k)
         baseline = app.rss_mb()
-        kept = files_under(app.workdir / "exports") + files_under(app.workdir / "models")
-        burst = Calls()
-        drive(pool, photos, burst, calls, deadline, top_k=top_k)
-        result["burst"] = burst.summary()
-        rest = Calls()
-        remaining = max(0, requests - len(warm.records) - len(burst.records))
-        drive(pool, photos, rest, -(-remaining // clients), deadline, top_k=top_k)
-        total = len(warm.records) + len(burst.records) + len(rest.records)
-        every = Calls()
-        every.records = warm.records + burst.records + rest.records
+        kept = work_files(app)
+        burst_start = time.monotonic()
+        drive(pool, photos, calls, calls_per_client, deadline, top_k=top_k)
+        burst_end = time.monotonic()
+        result["burst"] = calls.summary(since=burst_start, until=burst_end)
+        remaining = max(0, requests - len(calls.records))
+        drive(pool, photos, calls, -(-remaining // clients), deadline, top_k=top_k)
+        end = app.rss_mb()
         result["memory"] = {
-            "requests": total,
-            "success_rate": every.summary()["success_rate"],
+            "requests": len(calls.records),
+            "success_rate": calls.summary()["success_rate"],
             "rss_baseline_mb": round(baseline, 1),
-            "rss_end_mb": round(app.rss_mb(), 1),
-            "rss_growth_mb": round(app.rss_mb() - baseline, 1),
+            "rss_end_mb": round(end, 1),
+            "rss_growth_mb": round(end - baseline, 1),
             "peak_rss_mb": round(app.peak_rss_mb(), 1),
-            "work_files_added": files_under(app.workdir / "exports") + files_under(app.workdir / "models") - kept,
+            "work_files_added": work_files(app) - kept,
             "gradio_cache_files": files_under(app.cache),
         }
         if train:

@@ -33,6 +33,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 from latency import benchmark_checkpoint  # noqa: E402
 from serve import ENV, AppServer  # noqa: E402
 
+
 def import_floor() -> float:
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import torch, gradio"], check=True, env=ENV, cwd=ROOT)
@@ -44,16 +45,7 @@ def app_run(checkpoint: Path, photo: Path, requests: int, work: Path, timeout: f
     start = time.perf_counter()
     app = AppServer(checkpoint, work, timeout).start()
     try:
-        client = None
-        while client is None:
-            if app.proc.poll() is not None:
-                raise RuntimeError(f"app.py exited with {app.proc.returncode}: {app.output()[-2000:]}")
-            if time.perf_counter() - start > timeout:
-                raise TimeoutError("app did not answer in time")
-            try:
-                client = Client(app.url, verbose=False)
-            except Exception:  # not listening yet
-                time.sleep(0.05)
+        client = Client(app.wait().url, verbose=False)
         client.predict(handle_file(str(photo)), 5, api_name="/classify")
         first_answer = time.perf_counter() - start
         for _ in range(requests):

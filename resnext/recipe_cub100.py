@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from .data import load_dataset
 from .evaluate import evaluate
 from .inference import DEFAULT_CHECKPOINT, Classifier
@@ -147,7 +147,7 @@ def main() -> None:
         polished = raw.with_name(raw.name.replace(".raw.", ".polished.raw."))
         config = TrainConfig(**{**CONFIG.__dict__, **POLISH, "init": str(raw), "epochs": args.polish_epochs})
         result = train(data, config, out=polished, callback=show)
-        before = load_checkpoint(raw)[1].provenance["metrics"]["val_acc"]
+        before = read_metadata(raw).provenance["metrics"]["val_acc"]
         print(f"phase 1b: best val {result.val_acc:.2%} at epoch {result.best_epoch} (phase 1: {before:.2%}), "
               f"{result.seconds / 60:.1f} min", flush=True)
         if result.val_acc > before:

@@ -8,7 +8,7 @@ import load  # benchmarks/load.py (conftest puts benchmarks/ on the path)
 
 
 def test_concurrent_clients_all_answered_memory_flat_and_classify_goes_on_while_training(tiny_checkpoint, tmp_path):
-    result = load.run(tiny_checkpoint, tmp_path, clients=4, calls=5, requests=120, train=True, timeout=240, top_k=3)
+    result = load.run(tiny_checkpoint, tmp_path, clients=4, calls_per_client=5, requests=120, train=True, timeout=240, top_k=3)
     burst, memory, training = result["burst"], result["memory"], result["training"]
     assert burst["requests"] == 20 and burst["success_rate"] == 1.0, burst["errors"]
     assert burst["p50_ms"] > 0 and burst["p95_ms"] >= burst["p50_ms"]
