@@ -42,7 +42,7 @@ from resnext.__main__ import main as cli_main
 from resnext.data import DataError, load_dataset
 
 from conftest import CLASSES, shape_image
-from test_transforms import png_declaring
+from test_transforms import encoded, png_chunk, png_declaring
 
 
 # ============================================================================ part 1: photos
@@ -62,10 +62,6 @@ PICTURE = picture()
 UPRIGHT = (128, 96)  # (width, height) of PICTURE
 
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
 def png_16_bit(pixels: np.ndarray) -> bytes:
     """A 16-bit-per-channel PNG written by hand (PIL cannot write 48-bit RGB): HxW grey or HxWx3."""
     colour_type = 2 if pixels.ndim == 3 else 0
@@ -73,13 +69,7 @@ def png_16_bit(pixels: np.ndarray) -> bytes:
     big_endian = pixels.astype(">u2")
     raw = b"".join(b"\x00" + row.tobytes() for row in big_endian)  # filter type 0 on every row
     ihdr = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b"")
-
-
-def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt, **kwargs)
-    return buf.getvalue()
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(raw)) + png_chunk(b"IEND", b"")
 
 
 def exif(orientation: int) -> Image.Exif:
@@ -90,7 +80,7 @@ def exif(orientation: int) -> Image.Exif:
 
 def animated_gif() -> bytes:
     frames = [Image.fromarray(PICTURE), Image.fromarray(255 - PICTURE), Image.fromarray(PICTURE[:, ::-1].copy())]
-    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
 
 
 RGB = Image.fromarray(PICTURE)
@@ -110,27 +100,27 @@ CATALOGUE: dict[str, Case] = {
     # ---- must be refused
     "zero bytes": Case("empty.jpg", b"", refused="not an image file"),
     "text named .jpg": Case("notes.jpg", b"just some notes\n", refused="not an image file"),
-    "truncated JPEG": Case("cut.jpg", encode(RGB, "JPEG", **JPEG)[:1500], refused="unreadable"),
+    "truncated JPEG": Case("cut.jpg", encoded(RGB, "JPEG", **JPEG)[:1500], refused="unreadable"),
     "decompression bomb": Case("bomb.png", png_declaring(100_000, 100_000), refused="image is too large"),
     # ---- must be classified
-    "plain PNG": Case("plain.png", encode(RGB, "PNG")),
-    "1x1 pixel": Case("dot.png", encode(Image.new("RGB", (1, 1), (200, 30, 40)), "PNG"), upright=(1, 1)),
-    "2000x1 strip": Case("strip.png", encode(Image.new("RGB", (2000, 1), (9, 99, 199)), "PNG"), upright=(2000, 1)),
-    "8-bit grey PNG": Case("grey8.png", encode(GREY, "PNG")),
+    "plain PNG": Case("plain.png", encoded(RGB, "PNG")),
+    "1x1 pixel": Case("dot.png", encoded(Image.new("RGB", (1, 1), (200, 30, 40)), "PNG"), upright=(1, 1)),
+    "2000x1 strip": Case("strip.png", encoded(Image.new("RGB", (2000, 1), (9, 99, 199)), "PNG"), upright=(2000, 1)),
+    "8-bit grey PNG": Case("grey8.png", encoded(GREY, "PNG")),
     "16-bit grey PNG": Case("grey16.png", png_16_bit(np.asarray(GREY).astype(np.uint16) * 257)),
     "48-bit RGB PNG": Case("rgb48.png", png_16_bit(PICTURE.astype(np.uint16) * 257)),
-    "palette PNG": Case("palette.png", encode(RGB.quantize(64), "PNG")),
-    "CMYK JPEG": Case("cmyk.jpg", encode(RGB.convert("CMYK"), "JPEG", **JPEG)),
+    "palette PNG": Case("palette.png", encoded(RGB.quantize(64), "PNG")),
+    "CMYK JPEG": Case("cmyk.jpg", encoded(RGB.convert("CMYK"), "JPEG", **JPEG)),
     "animated GIF": Case("anim.gif", animated_gif()),
-    "lossy WebP": Case("photo.webp", encode(RGB, "WEBP", quality=80)),
-    "lossless WebP": Case("lossless.webp", encode(RGB, "WEBP", lossless=True)),
-    "upright JPEG": Case("upright.jpg", encode(RGB, "JPEG", **JPEG)),
+    "lossy WebP": Case("photo.webp", encoded(RGB, "WEBP", quality=80)),
+    "lossless WebP": Case("lossless.webp", encoded(RGB, "WEBP", lossless=True)),
+    "upright JPEG": Case("upright.jpg", encoded(RGB, "JPEG", **JPEG)),
     # Stored turned, with the EXIF tag that says how to stand it up (6: turn 90 degrees clockwise).
-    "EXIF orientation 6": Case("rotated6.jpg", encode(RGB.transpose(Image.Transpose.ROTATE_90), "JPEG", exif=exif(6), **JPEG)),
-    "EXIF orientation 8": Case("rotated8.jpg", encode(RGB.transpose(Image.Transpose.ROTATE_270), "JPEG", exif=exif(8), **JPEG)),
-    "grey JPEG": Case("grey.jpg", encode(GREY, "JPEG", **JPEG)),
-    "PNG named .jpg": Case("misnamed.jpg", encode(RGB, "PNG")),
-    "non-ASCII name": Case("Zaunkönig im Schnee.png", encode(RGB, "PNG")),
+    "EXIF orientation 6": Case("rotated6.jpg", encoded(RGB.transpose(Image.Transpose.ROTATE_90), "JPEG", exif=exif(6), **JPEG)),
+    "EXIF orientation 8": Case("rotated8.jpg", encoded(RGB.transpose(Image.Transpose.ROTATE_270), "JPEG", exif=exif(8), **JPEG)),
+    "grey JPEG": Case("grey.jpg", encoded(GREY, "JPEG", **JPEG)),
+    "PNG named .jpg": Case("misnamed.jpg", encoded(RGB, "PNG")),
+    "non-ASCII name": Case("Zaunkönig im Schnee.png", encoded(RGB, "PNG")),
 }
 NAMES = list(CATALOGUE)
 REFUSED = [n for n in NAMES if CATALOGUE[n].refused]
@@ -315,7 +305,7 @@ def test_lossless_variants_give_the_pngs_answer(catalogue, classifier):
 
 
 def _png(kind: int, seed: int) -> bytes:
-    return encode(Image.fromarray(shape_image(kind, np.random.default_rng(seed), size=24)), "PNG")
+    return encoded(Image.fromarray(shape_image(kind, np.random.default_rng(seed), size=24)), "PNG")
 
 
 def _class_entries(classes: dict[str, int], per_class: int = 3) -> list[tuple[str, bytes]]:
