@@ -36,7 +36,6 @@ ROOT = Path(__file__).resolve().parent
 ASSETS = ROOT / "assets"
 MAX_PHOTO_SIDE = 1280  # photos are shrunk to this for display and heatmaps (the network sees 224 px)
 KEEP_FILES_S = 3600  # uploads, heatmaps and CSVs served to a visitor are deleted after an hour
-UNSURE_DEFAULT = 0.30  # used when a checkpoint carries no threshold from its validation
 TOP1 = "Top-1 prediction"
 METHOD_NAMES = {
     "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM", "layercam": "LayerCAM",
@@ -194,11 +193,6 @@ def _without_folder(err: Exception, source) -> str:
     return str(err)
 
 
-def unsure_threshold(classifier: Classifier) -> float:
-    metrics = classifier.info.provenance.get("metrics") or {}
-    return float(metrics.get("unsure_below", UNSURE_DEFAULT))
-
-
 def classify(classifier: Classifier, image, top_k: int = 5, target: str | None = None, method: str = "gradcam",
              opacity: float = 0.5, top3: bool = True):
     """Top-k, the conv5 heatmap over the photo, the top-3 heatmaps, a caption.
@@ -219,19 +213,27 @@ def classify(classifier: Classifier, image, top_k: int = 5, target: str | None =
     main, trio = explanations[0], explanations[1:]
     label = {display_name(p.label): p.prob for p in main.predictions}
     gallery = [(e.overlay_with(opacity), f"{display_name(e.label)} · {e.prob:.0%}") for e in trio] if top3 else []
-    best = main.predictions[0]
-    threshold = unsure_threshold(classifier)
-    lines = []
-    if best.prob < threshold:
-        lines.append(
-            f"<div class='unsure'>⚠️ <b>Not sure</b> — my best guess is {display_name(best.label)} at only "
-            f"{best.prob:.0%}. This may not be one of the {len(classifier.classes)} species I know.</div>\n"
-        )
+    lines = [verdict_message(classifier, main.predictions)] if main.verdict != "species" else []
+    if main.verdict == "not_a_bird":
+        label = "No bird found"
+    if main.found:
+        lines.append("🔎 The bird looked small, so I also looked closer at the boxed part of the photo.")
     lines.append(f"Where the model looked to decide **{display_name(main.label)}** ({main.prob:.0%}), "
                  f"{METHOD_NAMES.get(main.method, main.method)} on conv5.")
     lines.append(f"<span class='small-print'>{elapsed:.0f} ms · {classifier.device.type.upper()} · "
                  f"{classifier.fast_path}</span>")
     return label, main.overlay_with(opacity), gallery, "\n\n".join(lines), main
+
+
+def verdict_message(classifier: Classifier, answer) -> str:
+    """A plain sentence for an answer that is not a confident species."""
+    best = answer[0]
+    if answer.verdict == "not_a_bird":
+        return ("<div class='unsure'>🚫 <b>This does not look like a bird photo.</b> If there is a bird, try a "
+                f"photo where it is larger (my closest guess, {display_name(best.label)} at {best.prob:.0%}, "
+                "would not mean much).</div>\n")
+    return (f"<div class='unsure'>⚠️ <b>Not sure</b> — my best guess is {display_name(best.label)} at only "
+            f"{best.prob:.0%}. This may not be one of the {len(classifier.classes)} species I know.</div>\n")
 
 
 def reblend(explanation, opacity: float):
@@ -462,7 +464,7 @@ def run_training(zip_file, mode, start, epochs, image_size, new_name, current_mo
     import pandas as pd
 
     from resnext.data import DataError, load_dataset
-    from resnext.train import TrainConfig, TrainResult, iter_train
+    from resnext.training import TrainConfig, TrainResult, iter_train
 
     registry = models()
     names, files = class_inputs[:MAX_CLASSES_UI], class_inputs[MAX_CLASSES_UI:]

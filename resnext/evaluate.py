@@ -9,20 +9,26 @@ import torch
 
 from .data import IMAGE_EXTENSIONS, DataError
 from .inference import Classifier
-from .transforms import ImageLoadError
+from .transforms import ImageLoadError, load_image, wider_shot
+from .verdict import VERDICTS
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "verdict_rates"]
 
 
-def evaluate(classifier: Classifier, folder: str | os.PathLike, batch_size: int = 32) -> dict:
-    """Top-1/top-5 accuracy, per-class accuracy and counts, and what was skipped.
+def evaluate(classifier: Classifier, folder: str | os.PathLike, batch_size: int = 32, zoom_out: float = 1.0,
+             find_bird: bool = True) -> dict:
+    """Top-1/top-5 accuracy, per-class accuracy and counts, verdicts, and what was skipped.
 
     Sub-folders of ``folder`` are matched to the classifier's class names; a folder the model does
-    not know is reported in ``unknown_folders`` and skipped, as is an unreadable image.
+    not know is reported in ``unknown_folders`` and skipped, as is an unreadable image. Answers
+    are the classifier's full answers (:meth:`Classifier.predict`, find-the-bird included unless
+    ``find_bird`` is False). ``zoom_out`` > 1 makes every photo a wider shot first
+    (:func:`~resnext.transforms.wider_shot`: the bird at 1/``zoom_out`` of the frame).
 
     Returns:
         ``{"top1", "top5", "n", "per_class": {label: acc}, "counts": {label: n},
         "confusion": [[...]], "mean_confidence_correct", "mean_confidence_wrong",
+        "verdicts": {verdict: fraction}, "found_bird": fraction,
         "unknown_folders": [...], "skipped": [{"file", "reason"}]}``
 
     Raises:
@@ -45,22 +51,25 @@ def evaluate(classifier: Classifier, folder: str | os.PathLike, batch_size: int 
     confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
     top5 = 0
     confidences = {True: [], False: []}
+    verdicts = dict.fromkeys(VERDICTS, 0)
+    found = 0
     for start in range(0, len(items), batch_size):
         batch, labels = [], []
         for path, label in items[start : start + batch_size]:
             try:
-                batch.append(classifier.preprocess(path))
+                photo = load_image(path)
+                batch.append(wider_shot(photo, zoom_out) if zoom_out > 1 else photo)
                 labels.append(label)
             except (ImageLoadError, OSError) as err:
                 skipped.append({"file": str(path.relative_to(folder)), "reason": str(err)})
         if not batch:
             continue
-        probs = torch.softmax(classifier.logits(classifier.features(torch.cat(batch))), dim=1).cpu()
-        best = probs.topk(k, dim=1)
-        for label, p_row, i_row in zip(labels, best.values, best.indices):
-            confusion[label, i_row[0]] += 1
-            top5 += int(label in i_row.tolist())
-            confidences[bool(i_row[0] == label)].append(p_row[0].item())
+        for label, answer in zip(labels, classifier.predict(batch, k=k, batch_size=batch_size, find_bird=find_bird)):
+            confusion[label, answer[0].index] += 1
+            top5 += int(label in [p.index for p in answer])
+            confidences[answer[0].index == label].append(answer[0].prob)
+            verdicts[answer.verdict] += 1
+            found += answer.found
     n = int(confusion.sum())
     totals = confusion.sum(1)
     present = [i for i in range(n_classes) if totals[i] > 0]
@@ -74,6 +83,28 @@ def evaluate(classifier: Classifier, folder: str | os.PathLike, batch_size: int 
         "confusion": confusion.tolist(),
         "mean_confidence_correct": mean(confidences[True]),
         "mean_confidence_wrong": mean(confidences[False]),
+        "verdicts": {v: c / n for v, c in verdicts.items()},
+        "found_bird": found / n,
         "unknown_folders": unknown,
         "skipped": skipped,
     }
+
+
+def verdict_rates(classifier: Classifier, paths: list, batch_size: int = 32, zoom_out: float = 1.0) -> dict:
+    """The share of each verdict over image files of any kind (no labels needed): for birds of
+    other species (which should be "unsure") and photos with no bird ("not_a_bird").
+    Unreadable files are skipped and counted."""
+    verdicts = dict.fromkeys(VERDICTS, 0)
+    skipped = 0
+    for start in range(0, len(paths), batch_size):
+        photos = []
+        for path in paths[start : start + batch_size]:
+            try:
+                photo = load_image(path)
+                photos.append(wider_shot(photo, zoom_out) if zoom_out > 1 else photo)
+            except (ImageLoadError, OSError):
+                skipped += 1
+        for answer in classifier.predict(photos, k=1, batch_size=batch_size) if photos else []:
+            verdicts[answer.verdict] += 1
+    n = sum(verdicts.values())
+    return {"n": n, "skipped": skipped, **{v: (c / n if n else None) for v, c in verdicts.items()}}

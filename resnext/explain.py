@@ -138,13 +138,15 @@ def heatmap_on_photo(cam: np.ndarray, photo_size: tuple[int, int], box: tuple[fl
 
 
 def overlay(
-    photo: Image.Image, heatmap: np.ndarray, opacity: float = 0.5, box: tuple[float, float, float, float] | None = None
+    photo: Image.Image, heatmap: np.ndarray, opacity: float = 0.5, box: tuple[float, float, float, float] | None = None,
+    outline: bool = False,
 ) -> np.ndarray:
     """The heatmap coloured (jet, as grad-cam draws it) and blended over the photo.
 
     Unlike grad-cam's ``show_cam_on_image``, the blend is not rescaled to its maximum, so opacity 0
     gives back the photo unchanged, and with ``box`` the parts of the photo the network never saw
-    stay untinted instead of looking "cold". Returns RGB uint8 at the photo's size.
+    stay untinted instead of looking "cold"; ``outline`` draws ``box`` (the box find-the-bird used).
+    Returns RGB uint8 at the photo's size.
     """
     if not 0.0 <= opacity <= 1.0:
         raise ValueError(f"opacity must be in [0, 1], got {opacity}")
@@ -158,6 +160,10 @@ def overlay(
         seen = blended[max(top, 0) : bottom, max(left, 0) : right].copy()
         blended = rgb.copy()
         blended[max(top, 0) : bottom, max(left, 0) : right] = seen
+        if outline:
+            thickness = max(2, round(min(rgb.shape[:2]) / 150))
+            cv2.rectangle(blended, (left, top), (right - 1, bottom - 1), (255, 255, 255), thickness + 2)
+            cv2.rectangle(blended, (left, top), (right - 1, bottom - 1), (20, 160, 60), thickness)
     return blended
 
 
@@ -171,7 +177,8 @@ class Explanation:
         predictions: the photo's top-k, from the same forward pass.
         method: the CAM method used.
         photo: the photo (upright RGB) that ``heatmap`` and ``overlay`` are drawn on.
-        box: the crop of ``photo`` that the network saw, (left, top, right, bottom).
+        box: the crop of ``photo`` that the network saw, (left, top, right, bottom): a crop
+            around the bird when find-the-bird made a second pass (``found``), and then drawn.
     """
 
     cam: np.ndarray
@@ -182,6 +189,12 @@ class Explanation:
     method: str
     photo: Image.Image = field(repr=False)
     box: tuple[float, float, float, float]
+    found: bool = False
+
+    @property
+    def verdict(self) -> str:
+        """The answer's verdict (see :mod:`resnext.verdict`)."""
+        return getattr(self.predictions, "verdict", "species")
 
     @cached_property
     def heatmap(self) -> np.ndarray:
@@ -195,4 +208,4 @@ class Explanation:
 
     def overlay_with(self, opacity: float) -> np.ndarray:
         """The heatmap over the photo at ``opacity`` (0 = photo only, 1 = heatmap only)."""
-        return overlay(self.photo, self.heatmap, opacity, self.box)
+        return overlay(self.photo, self.heatmap, opacity, self.box, outline=self.found)

@@ -15,8 +15,9 @@ from .explain import Explanation, conv5_cams
 from .fast import configure_cpu_threads, fast_backbone
 from .model import ResNeXt
 from .transforms import ImageInput, load_image
+from .verdict import VerdictRules, bird_box
 
-__all__ = ["Classifier", "Prediction", "DEFAULT_CHECKPOINT", "display_name", "load_classifier", "select_device"]
+__all__ = ["Answer", "Classifier", "Prediction", "DEFAULT_CHECKPOINT", "display_name", "load_classifier", "select_device"]
 
 # The default bird model ships here (see checkpoints/README.md).
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "resnext50_32x4d_cub100.safetensors"
@@ -26,6 +27,29 @@ class Prediction(NamedTuple):
     label: str  # the class name as stored in the checkpoint
     index: int
     prob: float
+
+
+class Answer(list):
+    """One image's top-k :class:`Prediction` list (most probable first), with what else was found.
+
+    Attributes:
+        verdict: ``"species"``, ``"unsure"`` or ``"not_a_bird"`` (see :mod:`resnext.verdict`).
+        bird: the locator's bird score in [0, 1] (``None`` for a model without a locator).
+        box: the part of the photo classified, (left, top, right, bottom) in photo pixels; a
+            crop around the bird when find-the-bird made a second pass (``found`` is then True).
+    """
+
+    def __init__(self, predictions, verdict: str, bird: float | None, box, found: bool):
+        super().__init__(predictions)
+        self.verdict, self.bird, self.box, self.found = verdict, bird, tuple(box), found
+
+    def to_dict(self) -> dict:
+        return {
+            "verdict": self.verdict,
+            "bird": None if self.bird is None else round(self.bird, 4),
+            "box": [round(v, 1) for v in self.box],
+            "found_bird": self.found,
+        }
 
 
 def display_name(label: str) -> str:
@@ -96,6 +120,7 @@ class Classifier:
         self.classes = list(info.classes)
         self.preprocessing = info.preprocessing
         self.path = path
+        self.rules = VerdictRules.from_provenance(info.provenance, len(self.classes), model.locator is not None)
         if self.device.type == "cpu":
             configure_cpu_threads()
         self._backbone = self.model.forward_features
@@ -124,16 +149,22 @@ class Classifier:
         with torch.inference_mode():
             return self.model.forward_head(features.float())
 
-    def predict(self, images: ImageInput | Sequence[ImageInput], k: int = 5, batch_size: int = 16) -> list[list[Prediction]]:
-        """Top-k classes of each image.
+    def predict(
+        self, images: ImageInput | Sequence[ImageInput], k: int = 5, batch_size: int = 16, find_bird: bool = True
+    ) -> list[Answer]:
+        """Top-k classes of each image, with a verdict.
 
         Args:
             images: one image or a list of them (paths, bytes, PIL images or numpy arrays).
             k: how many classes to return per image; clamped to the number of classes.
             batch_size: images per forward pass.
+            find_bird: where the locator finds a small bird, classify a crop around it too and
+                combine the two (a second forward pass for those photos only; see
+                :mod:`resnext.verdict`). No effect on models without a locator.
 
         Returns:
-            One list per image of ``k`` :class:`Prediction`, most probable first.
+            One :class:`Answer` per image: ``k`` :class:`Prediction`, most probable first, with
+            its ``verdict``, bird score and the box classified.
 
         Raises:
             ValueError: ``k`` or ``batch_size`` is not a positive integer.
@@ -144,13 +175,50 @@ class Classifier:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not isinstance(images, (list, tuple)):
             images = [images]
-        results: list[list[Prediction]] = []
+        results: list[Answer] = []
         for start in range(0, len(images), batch_size):
-            batch = torch.cat([self.preprocess(image) for image in images[start : start + batch_size]])
-            results.extend(self._top_k(self.logits(self.features(batch)), k))
+            photos = [load_image(image) for image in images[start : start + batch_size]]
+            results.extend(answer for answer, _ in self._answer(photos, k, find_bird))
         return results
 
-    def explain(self, image: ImageInput, target: int | str | None = None, method: str = "gradcam", k: int = 5) -> Explanation:
+    def locate(self, features: Tensor) -> Tensor | None:
+        """conv5 activation -> per-cell bird probabilities (B, h, w), or None without a locator."""
+        if self.model.locator is None:
+            return None
+        with torch.inference_mode():
+            return torch.sigmoid(self.model.forward_locator(features.float())).cpu()
+
+    def _answer(self, photos: list, k: int, find_bird: bool) -> list[tuple[Answer, tuple[Tensor, Tensor]]]:
+        """Answers for decoded photos, each with the (features, logits) of the pass it trusts most
+        (the crop's when find-the-bird made one), for explanations."""
+        x = torch.stack([self.preprocessing(photo) for photo in photos])  # (B, 3, S, S)
+        features = self.features(x)  # (B, C, S/32, S/32)
+        logits = self.logits(features)
+        probs = torch.softmax(logits.float(), dim=1).cpu()
+        cells = self.locate(features)
+        out = []
+        for i, photo in enumerate(photos):
+            seen = self.preprocessing.crop_box(*photo.size)
+            p, box, found, chosen = probs[i], seen, False, (features[i : i + 1], logits[i : i + 1])
+            bird = None if cells is None else float(cells[i].max())
+            if find_bird and cells is not None and self.rules.find_below > 0:
+                area, frac = bird_box(cells[i])
+                if (self.rules.bird_below is None or bird >= self.rules.bird_below) and 0 < area < self.rules.find_below:
+                    box = _sub_box(seen, frac)
+                    crop_features = self.features(self.preprocessing(photo.crop(box)).unsqueeze(0))
+                    crop_logits = self.logits(crop_features)
+                    w = self.rules.crop_weight
+                    p = (1 - w) * p + w * torch.softmax(crop_logits.float()[0], dim=0).cpu()
+                    found, chosen = True, (crop_features, crop_logits)
+            values, indices = p.topk(k)
+            predictions = [Prediction(self.classes[j], j, v) for v, j in zip(values.tolist(), indices.tolist())]
+            verdict = self.rules.verdict(predictions[0].prob, bird)
+            out.append((Answer(predictions, verdict, bird, box, found), chosen))
+        return out
+
+    def explain(
+        self, image: ImageInput, target: int | str | None = None, method: str = "gradcam", k: int = 5, find_bird: bool = True
+    ) -> Explanation:
         """Grad-CAM of one class on conv5, with the top-k from the same forward pass.
 
         Args:
@@ -163,10 +231,11 @@ class Classifier:
             ValueError: unknown target or method, or a bad ``k``.
             FileNotFoundError, ImageLoadError: the image cannot be read.
         """
-        return self.explain_classes(image, [target], method, k)[0]
+        return self.explain_classes(image, [target], method, k, find_bird=find_bird)[0]
 
     def explain_classes(
-        self, image: ImageInput, targets: Sequence[int | str | None], method: str = "gradcam", k: int = 5, top: int = 0
+        self, image: ImageInput, targets: Sequence[int | str | None], method: str = "gradcam", k: int = 5, top: int = 0,
+        find_bird: bool = True,
     ) -> list[Explanation]:
         """:meth:`explain` for several classes of one image, from one forward pass.
 
@@ -176,20 +245,18 @@ class Classifier:
         """
         k = self._check_k(k)
         photo = load_image(image)
-        x = self.preprocessing(photo).unsqueeze(0)  # (1, 3, S, S)
-        features = self.features(x)  # (1, C, S/32, S/32)
-        logits = self.logits(features)
-        probs = torch.softmax(logits[0], dim=0)
-        predictions = self._top_k(logits, k)[0]
+        answer, (features, _) = self._answer([photo], len(self.classes), find_bird)[0]
+        probs = {p.index: p.prob for p in answer}  # combined over both passes when there were two
+        predictions = Answer(answer[:k], answer.verdict, answer.bird, answer.box, answer.found)
         indices = [predictions[0].index if t is None else self.class_index(t) for t in targets]
-        indices += [p.index for p in self._top_k(logits, min(top, len(self.classes)))[0]] if top > 0 else []
+        indices += [p.index for p in answer[: min(top, len(self.classes))]] if top > 0 else []
         size = self.preprocessing.input_size
+        # The map of the pass the answer trusts most: the crop around the bird, when there was one.
         cams = conv5_cams(self.model, features, indices, method, (size, size))
-        box = self.preprocessing.crop_box(*photo.size)
         return [
             Explanation(
-                cam=cam, target=i, label=self.classes[i], prob=float(probs[i]), predictions=predictions,
-                method=method.lower(), photo=photo, box=box,
+                cam=cam, target=i, label=self.classes[i], prob=probs[i], predictions=predictions,
+                method=method.lower(), photo=photo, box=answer.box, found=answer.found,
             )
             for cam, i in zip(cams, indices)
         ]
@@ -213,13 +280,13 @@ class Classifier:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         return min(k, len(self.classes))
 
-    def _top_k(self, logits: Tensor, k: int) -> list[list[Prediction]]:
-        probs = torch.softmax(logits.float(), dim=1).cpu()
-        values, indices = probs.topk(k, dim=1)  # sorted, most probable first
-        return [
-            [Prediction(self.classes[i], i, p) for p, i in zip(row_p.tolist(), row_i.tolist())]
-            for row_p, row_i in zip(values, indices)
-        ]
+
+
+def _sub_box(outer: tuple[float, float, float, float], frac: tuple[float, float, float, float]) -> tuple[float, ...]:
+    """``frac`` (fractions of ``outer``) in the pixels ``outer`` is given in."""
+    left, top, right, bottom = outer
+    w, h = right - left, bottom - top
+    return (left + frac[0] * w, top + frac[1] * h, left + frac[2] * w, top + frac[3] * h)
 
 
 def load_classifier(

@@ -77,6 +77,10 @@ class ResNeXt(nn.Module):
         num_classes: outputs of ``fc``.
         stem_width: channels of ``conv1`` (64 in the article); stage widths scale with it.
             Only tiny test models change it.
+        locator: add ``locator``, a 1x1 convolution on the conv5 map giving, per conv5 cell, the
+            logit of "this cell shows a bird" (trained on the covered fraction of each cell). It
+            finds the bird in a wide shot and says when there is none; it reads the same conv5
+            activation as ``fc`` and Grad-CAM, so it costs one tiny convolution.
         zero_init_residual: start each block's last BN gamma at zero, so every block begins as
             the identity. Goyal et al. (2017) report this helps training from scratch, which is how
             our default bird model is trained; it changes nothing when weights are loaded.
@@ -94,6 +98,7 @@ class ResNeXt(nn.Module):
         *,
         stem_width: int = 64,
         zero_init_residual: bool = True,
+        locator: bool = False,
     ):
         super().__init__()
         layers = tuple(int(n) for n in layers)
@@ -129,6 +134,7 @@ class ResNeXt(nn.Module):
         # Fix (seed): adaptive pooling instead of avg_pool2d(out, 7), so any input size works.
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_ch, num_classes)
+        self.locator = nn.Conv2d(in_ch, 1, 1) if locator else None
         self.num_features = in_ch
         self._init_weights(zero_init_residual)
 
@@ -149,6 +155,18 @@ class ResNeXt(nn.Module):
             for m in self.modules():
                 if isinstance(m, Bottleneck):
                     nn.init.zeros_(m.bn3.weight)
+        if self.locator is not None:
+            self._init_locator()
+
+    def _init_locator(self) -> None:
+        # A small start: Kaiming's fan-out of 1 would give huge logits.
+        nn.init.normal_(self.locator.weight, std=0.01)
+        nn.init.zeros_(self.locator.bias)
+
+    def add_locator(self) -> None:
+        """Give a network without one a freshly initialised ``locator`` head."""
+        self.locator = nn.Conv2d(self.num_features, 1, 1).to(self.fc.weight.device)
+        self._init_locator()
 
     @property
     def num_classes(self) -> int:
@@ -165,6 +183,16 @@ class ResNeXt(nn.Module):
     def forward_head(self, features: Tensor) -> Tensor:
         """conv5 activation -> logits (B, num_classes)."""
         return self.fc(torch.flatten(self.avgpool(features), 1))
+
+    def forward_locator(self, features: Tensor) -> Tensor:
+        """conv5 activation -> bird logits per conv5 cell (B, H/32, W/32).
+
+        Raises:
+            ValueError: the network has no locator head.
+        """
+        if self.locator is None:
+            raise ValueError("this network has no locator head (locator=False)")
+        return self.locator(features).squeeze(1)
 
     def forward(self, x: Tensor) -> Tensor:
         # Fix (seed): return logits, not softmax: CrossEntropyLoss and Grad-CAM targets need them.
@@ -184,16 +212,17 @@ class ResNeXt(nn.Module):
             "group_depth": self.group_depth,
             "num_classes": self.num_classes,
             "stem_width": self.stem_width,
+            "locator": self.locator is not None,
         }
 
 
 def build_model(config: dict) -> ResNeXt:
     """Rebuild a network from :meth:`ResNeXt.config` output."""
-    known = {"layers", "cardinality", "group_depth", "num_classes", "stem_width"}
+    known = {"layers", "cardinality", "group_depth", "num_classes", "stem_width", "locator"}
     unknown = set(config) - known
     if unknown:
         raise ValueError(f"unknown architecture fields {sorted(unknown)}")
-    missing = known - {"stem_width"} - set(config)
+    missing = known - {"stem_width", "locator"} - set(config)
     if missing:
         raise ValueError(f"architecture is missing {sorted(missing)}")
     return ResNeXt(**config)

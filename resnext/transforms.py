@@ -17,7 +17,7 @@ from typing import Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "ImageInput",
@@ -26,6 +26,7 @@ __all__ = [
     "Preprocessing",
     "load_image",
     "to_rgb",
+    "wider_shot",
 ]
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
@@ -217,3 +218,18 @@ class Preprocessing:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """An RGB image -> (3, input_size, input_size) tensor."""
         return self.normalize(self.crop(image))
+
+
+def wider_shot(photo: Image.Image, factor: float = 3.0, blur: float | None = None) -> Image.Image:
+    """``photo`` in the middle of a canvas ``factor`` times its size whose surroundings are its own
+    edge pixels stretched outwards and blurred: the bird at 1/``factor`` of the frame."""
+    if factor < 1:
+        raise ValueError(f"factor must be at least 1, got {factor}")
+    w, h = photo.size
+    W, H = round(w * factor), round(h * factor)
+    left, top = (W - w) // 2, (H - h) // 2
+    array = np.asarray(photo.convert("RGB"))
+    padded = np.pad(array, ((top, H - h - top), (left, W - w - left), (0, 0)), mode="edge")
+    canvas = Image.fromarray(padded).filter(ImageFilter.GaussianBlur(blur if blur is not None else max(w, h) / 8))
+    canvas.paste(photo.convert("RGB"), (left, top))
+    return canvas

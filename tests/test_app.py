@@ -10,6 +10,7 @@ import torch
 
 import app
 from resnext import display_name
+from resnext.verdict import VerdictRules
 
 from conftest import CLASSES, class_inputs, make_shapes
 
@@ -33,10 +34,25 @@ def test_without_top3_the_same_answer_and_no_gallery(registry, photo):
 
 def test_unsure_predictions_say_so(registry, photo, monkeypatch):
     classifier = registry.get(None)
-    monkeypatch.setattr(app, "unsure_threshold", lambda c: 1.01)
+    monkeypatch.setattr(classifier, "rules", VerdictRules(unsure_below=1.0))
     assert "Not sure" in app.classify(classifier, photo, 3)[3]
-    monkeypatch.setattr(app, "unsure_threshold", lambda c: 0.0)
+    monkeypatch.setattr(classifier, "rules", VerdictRules(unsure_below=0.0))
     assert "Not sure" not in app.classify(classifier, photo, 3)[3]
+
+
+def test_not_a_bird_is_said_instead_of_a_species(registry, photo, monkeypatch):
+    classifier = registry.get(None)
+    locator = torch.nn.Conv2d(classifier.model.num_features, 1, 1)
+    torch.nn.init.zeros_(locator.weight)
+    torch.nn.init.zeros_(locator.bias)  # a bird score of exactly 0.5 everywhere
+    monkeypatch.setattr(classifier.model, "locator", locator)
+    monkeypatch.setattr(classifier, "rules", VerdictRules(unsure_below=0.0, bird_below=0.99))
+    label, _, _, caption, explanation = app.classify(classifier, photo, 3)
+    assert explanation.verdict == "not_a_bird" and label == "No bird found"
+    assert "does not look like a bird photo" in caption
+    monkeypatch.setattr(classifier, "rules", VerdictRules(unsure_below=0.0, bird_below=0.01))
+    label, _, _, caption, _ = app.classify(classifier, photo, 3)
+    assert isinstance(label, dict) and "bird photo" not in caption
 
 
 def test_explain_another_class_and_method(registry, photo):

@@ -1,0 +1,115 @@
+"""Verdicts and find-the-bird: what every answer says besides its top-k.
+
+Every answer gets one verdict:
+- ``"not_a_bird"``: the locator head sees no bird (its best cell scores under ``bird_below``);
+- ``"unsure"``: a bird, or something, but the top-1 probability is under ``unsure_below``, as for
+  birds of species the model does not know;
+- ``"species"``: the top-1 class, said plainly.
+
+Find-the-bird: where the locator says the bird covers less than ``find_below`` of the frame, the
+photo is cropped around it and classified again; the two answers' probabilities are combined with
+weight ``crop_weight`` on the crop's. Every number is chosen on validation data by the training
+recipe (or a fine-tune) and stored in the checkpoint's provenance under ``"verdict"``.
+
+Serving code: no training imports here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["VERDICTS", "VerdictRules", "bird_box", "choose_unsure", "default_unsure"]
+
+VERDICTS = ("species", "unsure", "not_a_bird")
+
+
+def default_unsure(num_classes: int) -> float:
+    """Where there is no validation data to choose on: a third of the way from chance to
+    certainty, so a 3-class model can be unsure too (0.56 for 3 classes, 0.34 for 100)."""
+    chance = 1.0 / max(1, num_classes)
+    return round(chance + (1 - chance) / 3, 3)
+
+
+@dataclass(frozen=True)
+class VerdictRules:
+    """The thresholds of :mod:`resnext.verdict`, as stored in a checkpoint."""
+
+    unsure_below: float
+    bird_below: float | None = None  # None: the model cannot say "not a bird"
+    find_below: float = 0.0  # 0: find-the-bird off
+    crop_weight: float = 0.5
+    source: str = "default"  # how the numbers were chosen
+
+    def __post_init__(self) -> None:
+        for name in ("unsure_below", "find_below", "crop_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"verdict {name} must be a number in [0, 1], got {value!r}")
+        if self.bird_below is not None and not 0.0 <= self.bird_below <= 1.0:
+            raise ValueError(f"verdict bird_below must be in [0, 1] or null, got {self.bird_below!r}")
+
+    @classmethod
+    def from_provenance(cls, provenance: dict, num_classes: int, has_locator: bool) -> "VerdictRules":
+        """The rules a checkpoint records; older checkpoints get their ``unsure_below`` metric
+        (or the default) and no bird check."""
+        stored = provenance.get("verdict")
+        if isinstance(stored, dict):
+            rules = cls(**{k: v for k, v in stored.items() if k in cls.__dataclass_fields__})
+            return rules if has_locator else cls(rules.unsure_below, source=rules.source)
+        legacy = (provenance.get("metrics") or {}).get("unsure_below")
+        if isinstance(legacy, (int, float)) and legacy > 1.0 / max(1, num_classes):
+            return cls(float(legacy), source="metrics.unsure_below")
+        return cls(default_unsure(num_classes))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def verdict(self, top1: float, bird: float | None) -> str:
+        if self.bird_below is not None and bird is not None and bird < self.bird_below:
+            return "not_a_bird"
+        return "unsure" if top1 < self.unsure_below else "species"
+
+
+def bird_box(cells: Tensor, margin: float = 1.6, min_side: float = 0.3) -> tuple[float, tuple[float, float, float, float]]:
+    """The bird's estimated area and a square box around it, from the locator's per-cell
+    probabilities ``(h, w)`` (the covered fraction of each conv5 cell).
+
+    The area is the mean coverage; the centre is the coverage-weighted centroid, which places the
+    box between cells. Returns ``(area, (left, top, right, bottom))`` as fractions of the input.
+    """
+    h, w = cells.shape
+    cells = cells.float().clamp(0, 1)
+    area = float(cells.mean())
+    total = float(cells.sum())
+    if total <= 1e-6:
+        return 0.0, (0.0, 0.0, 1.0, 1.0)
+    ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h
+    xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w
+    cy = float((cells.sum(1) * ys).sum()) / total
+    cx = float((cells.sum(0) * xs).sum()) / total
+    side = min(1.0, max(min_side, math.sqrt(area) * margin))
+    left = min(max(cx - side / 2, 0.0), 1.0 - side)
+    top = min(max(cy - side / 2, 0.0), 1.0 - side)
+    return area, (left, top, left + side, top + side)
+
+
+def choose_unsure(right: list[float], wrong: list[float], num_classes: int, others: list[float] | None = None) -> tuple[float, str]:
+    """The "unsure" threshold from validation answers: the top-1 probabilities of right and wrong
+    answers (and of photos of classes the model does not know, ``others``).
+
+    Chooses the threshold that minimises the sum of the error rates (right answers flagged,
+    wrong answers and unknown classes said plainly). With fewer than 5 right or 5 wrong answers
+    that sum means little, and :func:`default_unsure` is used. Returns (threshold, how chosen).
+    """
+    if len(right) < 5 or len(wrong) < 5:
+        return default_unsure(num_classes), f"default ({len(right)} right, {len(wrong)} wrong validation answers)"
+    groups = [torch.tensor(right), torch.tensor(wrong)] + ([torch.tensor(others)] if others else [])
+    best = (math.inf, 0.0)
+    for t in torch.linspace(0.05, 0.95, 91).tolist():
+        cost = float((groups[0] < t).float().mean()) + sum(float((g >= t).float().mean()) for g in groups[1:])
+        best = min(best, (cost, round(t, 3)))
+    return best[1], "validation (minimum summed error rate)"

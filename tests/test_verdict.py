@@ -1,0 +1,147 @@
+"""Verdicts, find-the-bird and the locator head (resnext.verdict, Classifier with a locator)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from resnext import Classifier, Preprocessing, load_checkpoint, save_checkpoint
+from resnext.__main__ import main
+from resnext.model import build_model
+from resnext.transforms import wider_shot
+from resnext.verdict import VerdictRules, bird_box, choose_unsure, default_unsure
+
+from conftest import CLASSES, tiny_model
+
+
+def test_default_unsure_lets_a_three_class_model_be_unsure():
+    assert default_unsure(3) == pytest.approx(0.556, abs=1e-3)  # above chance (0.33): can fire
+    assert default_unsure(100) == pytest.approx(0.34, abs=1e-3)
+    assert default_unsure(3) > 1 / 3 and default_unsure(2) > 1 / 2
+
+
+@pytest.mark.parametrize("top1, bird, expected", [
+    (0.9, 0.9, "species"), (0.2, 0.9, "unsure"), (0.9, 0.05, "not_a_bird"), (0.2, 0.05, "not_a_bird"), (0.9, None, "species"),
+])
+def test_verdict_rules(top1, bird, expected):
+    assert VerdictRules(unsure_below=0.4, bird_below=0.1).verdict(top1, bird) == expected
+
+
+def test_rules_without_a_bird_check_never_say_not_a_bird():
+    assert VerdictRules(unsure_below=0.4).verdict(0.9, 0.0) == "species"
+
+
+@pytest.mark.parametrize("field, value", [("unsure_below", 1.5), ("crop_weight", -0.1), ("bird_below", 2.0)])
+def test_bad_rules_name_the_value(field, value):
+    kwargs = {"unsure_below": 0.3, field: value}
+    with pytest.raises(ValueError, match=f"{field}.*{value}"):
+        VerdictRules(**kwargs)
+
+
+def test_rules_from_provenance():
+    stored = {"verdict": {"unsure_below": 0.4, "bird_below": 0.2, "find_below": 0.5, "crop_weight": 0.75, "source": "x"}}
+    assert VerdictRules.from_provenance(stored, 100, has_locator=True) == VerdictRules(0.4, 0.2, 0.5, 0.75, "x")
+    # a model without a locator keeps the unsure threshold only
+    assert VerdictRules.from_provenance(stored, 100, has_locator=False) == VerdictRules(0.4, source="x")
+    # an older checkpoint: its unsure_below metric, unless it is at or under chance
+    assert VerdictRules.from_provenance({"metrics": {"unsure_below": 0.3}}, 100, False).unsure_below == 0.3
+    assert VerdictRules.from_provenance({"metrics": {"unsure_below": 0.3}}, 3, False).unsure_below == default_unsure(3)
+
+
+def test_bird_box_centres_on_the_covered_cells():
+    cells = torch.zeros(3, 3)
+    cells[0, 2] = 1.0  # the top-right cell holds the bird
+    area, (left, top, right, bottom) = bird_box(cells, margin=1.0, min_side=0.1)
+    assert area == pytest.approx(1 / 9)
+    assert (left, top, right, bottom) == pytest.approx((2 / 3, 0.0, 1.0, 1 / 3), abs=1e-6)
+    area, box = bird_box(torch.ones(3, 3))
+    assert area == pytest.approx(1.0) and box == pytest.approx((0.0, 0.0, 1.0, 1.0))
+    assert bird_box(torch.zeros(4, 4)) == (0.0, (0.0, 0.0, 1.0, 1.0))
+
+
+def test_choose_unsure_separates_right_from_wrong():
+    right = [0.9, 0.8, 0.85, 0.7, 0.95, 0.75]
+    wrong = [0.2, 0.3, 0.25, 0.35, 0.1, 0.3]
+    threshold, how = choose_unsure(right, wrong, 100)
+    assert 0.35 < threshold <= 0.7 and how.startswith("validation")
+    threshold, how = choose_unsure(right, wrong[:2], 3)  # too few wrong answers to choose on
+    assert threshold == default_unsure(3) and how.startswith("default")
+
+
+def tiny_with_locator(bias: float):
+    """A tiny 5-class model whose locator gives the same bird logit ``bias`` everywhere."""
+    model = tiny_model()
+    model.add_locator()
+    torch.nn.init.zeros_(model.locator.weight)
+    torch.nn.init.constant_(model.locator.bias, bias)
+    return model
+
+
+@pytest.fixture()
+def located(tmp_path):
+    """A checkpoint whose locator is a constant: the verdict depends only on the rules."""
+    path = tmp_path / "located.safetensors"
+    rules = {"unsure_below": 0.0, "bird_below": 0.5, "find_below": 1.0, "crop_weight": 1.0}
+    save_checkpoint(path, tiny_with_locator(3.0), CLASSES, Preprocessing(64, 64), {"verdict": rules})
+    return path
+
+
+def test_locator_round_trips_through_a_checkpoint(located):
+    model, info = load_checkpoint(located)
+    assert info.architecture["locator"] is True and model.locator is not None
+    assert build_model(info.architecture).config() == model.config()
+    cells = model.forward_locator(model.forward_features(torch.zeros(2, 3, 64, 64)))
+    assert cells.shape == (2, 2, 2) and torch.allclose(torch.sigmoid(cells), torch.tensor(0.9526), atol=1e-4)
+
+
+def test_a_bird_is_named_and_a_non_bird_is_said(located, photo):
+    model, info = load_checkpoint(located)
+    (answer,) = Classifier(model, info, device="cpu").predict(photo, k=3, find_bird=False)
+    assert answer.verdict == "species" and answer.bird == pytest.approx(0.9526, abs=1e-4) and not answer.found
+    torch.nn.init.constant_(model.locator.bias, -3.0)  # now no cell looks like a bird
+    (answer,) = Classifier(model, info, device="cpu").predict(photo, k=3)
+    assert answer.verdict == "not_a_bird" and answer.bird < 0.5 and not answer.found
+
+
+def test_find_the_bird_classifies_a_crop_and_draws_its_box(located, photo):
+    model, info = load_checkpoint(located)
+    classifier = Classifier(model, info, device="cpu")
+    cells = torch.full((1, 2, 2), -8.0)  # only the top-left conv5 cell sees a bird: a small bird, top left
+    cells[0, 0, 0] = 8.0
+    classifier.model.forward_locator = lambda features: cells.expand(len(features), 2, 2)
+    (answer,) = classifier.predict(photo, k=3)
+    assert answer.found and answer.verdict == "species"
+    left, top, right, bottom = answer.box
+    seen = classifier.preprocessing.crop_box(120, 90)  # the centre square the first pass saw
+    # a quarter of the cells covered: a box of side sqrt(1/4) x 1.6 (the margin), in the top-left corner
+    assert (left, top) == pytest.approx(seen[:2]) and right - left == pytest.approx(0.8 * (seen[2] - seen[0]), rel=0.01)
+    explanation = classifier.explain(photo)
+    assert explanation.found and explanation.box == answer.box
+    drawn = explanation.overlay_with(0.0)  # opacity 0: only the outline differs from the photo
+    assert (np.abs(drawn.astype(int) - photo.astype(int)).sum(-1) > 0).sum() > 0
+    assert tuple(drawn[round(top) + 1, round((left + right) / 2)]) == (20, 160, 60)
+    (plain,) = classifier.predict(photo, k=3, find_bird=False)
+    assert not plain.found and plain.box == pytest.approx(seen)
+
+
+def test_wider_shot_puts_the_photo_in_the_middle_of_its_own_edges():
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8))
+    wide = wider_shot(photo, 3)
+    assert wide.size == (120, 90)
+    assert np.array_equal(np.asarray(wide)[30:60, 40:80], np.asarray(photo))
+    with pytest.raises(ValueError, match="factor.*0.5"):
+        wider_shot(photo, 0.5)
+
+
+def test_cli_evaluate_reports_verdicts_and_zoom_out(located, tmp_path, capsys, photo):
+    for name in CLASSES[:2]:
+        (tmp_path / "data" / name).mkdir(parents=True)
+        Image.fromarray(photo).save(tmp_path / "data" / name / "a.png")
+    assert main(["evaluate", str(tmp_path / "data"), "--checkpoint", str(located), "--zoom-out", "3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 2 and sum(report["verdicts"].values()) == pytest.approx(1.0)
+    assert report["verdicts"]["species"] == 1.0  # bird score 0.95 everywhere, unsure threshold 0
+    assert main(["evaluate", str(tmp_path / "data"), "--checkpoint", str(located), "--zoom-out", "0.5"]) == 2
+    assert "--zoom-out must be at least 1, got 0.5" in capsys.readouterr().err
