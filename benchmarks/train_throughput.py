@@ -3,7 +3,7 @@
 Both train a ResNeXt-50 32x4d from scratch with the same batch size, image size, precision (bf16
 autocast where the CPU has it) and optimizer (SGD, Nesterov). The reference is the loop everyone
 writes: torchvision's model, contiguous NCHW batches of ready tensors, no augmentation, eager. Ours
-is ``resnext.train.iter_train`` on real photos, decoding done once, with its random-resized-crop,
+is ``resnext.training.iter_train`` on real photos, decoding done once, with its random-resized-crop,
 flip and TrivialAugment per image included in the time. Images/s over the timed steps after
 warm-up, alternating blocks of steps between the two, medians of the blocks.
 
@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 from resnext import resnext50_32x4d, save_checkpoint  # noqa: E402
 from resnext.data import load_dataset  # noqa: E402
 from resnext.fast import configure_cpu_threads  # noqa: E402
-from resnext.train import TrainConfig, _autocast_dtype, iter_train  # noqa: E402
+from resnext.training import TrainConfig, iter_train  # noqa: E402
+from resnext.training.context import autocast_dtype  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "cub100" / "train"
 
@@ -94,7 +95,7 @@ def main() -> None:
     data = load_dataset(photo_folder(work / "photos"), val_split=0.0)
     torch.manual_seed(0)
     init = save_checkpoint(work / "scratch.safetensors", resnext50_32x4d(len(data.classes)), data.classes)
-    amp = _autocast_dtype(torch.device("cpu"), "auto")
+    amp = autocast_dtype(torch.device("cpu"), "auto")
 
     reference.model = torchvision.models.resnext50_32x4d(num_classes=100).train()
     reference.optimizer = torch.optim.SGD(reference.model.parameters(), lr=0.1, momentum=0.9, nesterov=True)

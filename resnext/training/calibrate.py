@@ -1,0 +1,142 @@
+"""Choose a model's verdict rules (see :mod:`resnext.verdict`) on held-out photos.
+
+Each photo is run once through both passes (whole photo, and the crop around where the locator
+puts the bird), so every candidate setting of find-the-bird is scored without running the network
+again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..inference import Classifier, _sub_box
+from ..verdict import VerdictRules, bird_box, choose_unsure
+
+__all__ = ["Passes", "run_passes", "choose_rules", "combined"]
+
+FIND_BELOW = (0.0, 0.15, 0.25, 0.35, 0.45, 0.55, 0.7)
+CROP_WEIGHTS = (0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass
+class Passes:
+    """Both passes' probabilities for N photos: whole (N, K), crop (N, K), bird score and area (N,)."""
+
+    whole: Tensor
+    crop: Tensor
+    bird: Tensor
+    area: Tensor
+
+
+def run_passes(classifier: Classifier, photos: list, batch_size: int = 32) -> Passes:
+    """Run both passes on decoded photos (the crop pass whatever the locator says; a model
+    without a locator gets one pass, and a bird score of 1)."""
+    out = {"whole": [], "crop": [], "bird": [], "area": []}
+    pre = classifier.preprocessing
+    for start in range(0, len(photos), batch_size):
+        chunk = photos[start : start + batch_size]
+        features = classifier.features(torch.stack([pre(p) for p in chunk]))
+        whole = torch.softmax(classifier.logits(features), 1).cpu()
+        out["whole"].append(whole)
+        cells = classifier.locate(features)
+        if cells is None:  # no locator: one pass, no bird score
+            out["crop"].append(whole)
+            out["bird"] += [1.0] * len(chunk)
+            out["area"] += [0.0] * len(chunk)
+            continue
+        crops = []
+        for photo, c in zip(chunk, cells):
+            area, frac = bird_box(c)
+            out["bird"].append(float(c.max()))
+            out["area"].append(area)
+            crops.append(pre(photo.crop(_sub_box(pre.crop_box(*photo.size), frac))))
+        out["crop"].append(torch.softmax(classifier.logits(classifier.features(torch.stack(crops))), 1).cpu())
+    return Passes(torch.cat(out["whole"]), torch.cat(out["crop"]), torch.tensor(out["bird"]), torch.tensor(out["area"]))
+
+
+def combined(passes: Passes, rules: VerdictRules) -> Tensor:
+    """The probabilities the classifier answers with under ``rules`` (N, K)."""
+    use = (passes.area > 0) & (passes.area < rules.find_below)
+    if rules.bird_below is not None:
+        use &= passes.bird >= rules.bird_below
+    w = rules.crop_weight
+    return torch.where(use[:, None], (1 - w) * passes.whole + w * passes.crop, passes.whole)
+
+
+def choose_rules(labelled: dict[str, tuple[Passes, Tensor]], birds: list[Passes], others: Passes | None,
+                 num_classes: int, bird_quantile: float = 0.01) -> tuple[VerdictRules, dict]:
+    """Verdict rules from held-out data.
+
+    Args:
+        labelled: name -> (passes, labels) of the model's own classes, e.g. plain and wider shots.
+        birds: passes of every held-out bird photo (the model's classes and others): the bird
+            threshold lets ``bird_quantile`` of them through as "not a bird".
+        others: passes of birds of classes the model does not know (should come out unsure).
+
+    find-the-bird's setting maximises the mean top-1 over ``labelled``; then the unsure threshold
+    is chosen by :func:`~resnext.verdict.choose_unsure` on the combined answers.
+    Returns the rules and the scores behind them.
+    """
+    scores = torch.cat([p.bird for p in birds])
+    bird_below = round(float(torch.quantile(scores, bird_quantile)), 4)
+    table = {}
+    for find_below in FIND_BELOW:
+        for w in CROP_WEIGHTS if find_below else (0.5,):
+            rules = VerdictRules(0.5, bird_below, find_below, w)
+            accs = [(combined(p, rules).argmax(1) == y).float().mean().item() for p, y in labelled.values()]
+            table[find_below, w] = sum(accs) / len(accs)
+    best = max(table, key=lambda key: (round(table[key], 4), -key[0]))  # ties: the cheaper setting
+    rules = VerdictRules(0.5, bird_below, *best)
+    right, wrong = [], []
+    for p, y in labelled.values():
+        probs = combined(p, rules)
+        top1, pred = probs.max(1)
+        right += top1[pred == y].tolist()
+        wrong += top1[pred != y].tolist()
+    other = combined(others, rules).max(1).values.tolist() if others is not None else None
+    unsure, how = choose_unsure(right, wrong, num_classes, other)
+    rules = VerdictRules(unsure, bird_below, *best, source=f"held-out validation photos; unsure: {how}")
+    report = {"find_the_bird_val_top1": {f"find<{f} w={w}": round(a, 4) for (f, w), a in table.items()},
+              "bird_below_quantile": bird_quantile}
+    return rules, report
+
+
+def rules_for_fine_tune(model, classes: list[str], pre, val: list, start_provenance: dict | None,
+                        keep_bird_check: float = 0.9) -> VerdictRules:
+    """Verdict rules for a freshly trained model, from its own validation photos ``val``
+    (``[(path, label)]``).
+
+    The unsure threshold comes from its right and wrong validation answers (or the default for
+    its class count when there are too few). The bird check and find-the-bird settings are the
+    start model's, kept only if the model has a locator and at least ``keep_bird_check`` of the
+    validation photos pass the bird check: a model fine-tuned on flowers must not call every
+    flower "not a bird".
+    """
+    from ..checkpoint import CheckpointInfo
+    from ..transforms import load_image
+
+    info = CheckpointInfo(model.config(), list(classes), pre, {"verdict": (start_provenance or {}).get("verdict")})
+    start = VerdictRules.from_provenance(info.provenance, len(classes), model.locator is not None)
+    classifier = Classifier(model, info, device="cpu", fast=False)
+    photos = [load_image(p) for p, _ in val]
+    if not photos:
+        return VerdictRules(default_unsure_for(classes), source="default (no validation photos)")
+    passes = run_passes(classifier, photos)
+    bird_below = start.bird_below
+    if bird_below is not None and float((passes.bird >= bird_below).float().mean()) < keep_bird_check:
+        bird_below = None
+    rules = VerdictRules(0.5, bird_below, start.find_below if bird_below is not None else 0.0, start.crop_weight)
+    probs = combined(passes, rules)
+    top1, pred = probs.max(1)
+    labels = torch.tensor([y for _, y in val])
+    unsure, how = choose_unsure(top1[pred == labels].tolist(), top1[pred != labels].tolist(), len(classes))
+    return VerdictRules(unsure, bird_below, rules.find_below, rules.crop_weight, source=f"fine-tune validation; unsure: {how}")
+
+
+def default_unsure_for(classes: list[str]) -> float:
+    from ..verdict import default_unsure
+
+    return default_unsure(len(classes))

@@ -1,0 +1,232 @@
+"""What every training mode shares: the run's :class:`Context`, decoded photos and their
+augmentation, the learning-rate schedule, evaluation and the best-epoch bookkeeping."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from ..data import Dataset
+from ..fast import _cpu_has_bf16
+from ..model import ResNeXt
+from ..transforms import Preprocessing, load_image
+from .config import Progress, TrainConfig
+
+__all__ = [
+    "Best", "Context", "TRAINED_WITH", "augmented_training_set", "autocast_dtype", "decode", "distributed",
+    "eval_tensors", "evaluate_tensors", "freeze", "lr_factor", "recalibrate_batchnorm", "summarise",
+]
+
+# What trains when only the top of the network does (the heads always train).
+TRAINED_WITH = {"conv4": ("conv4", "conv5", "fc", "locator"), "conv5": ("conv5", "fc", "locator")}
+
+
+@dataclass
+class Context:
+    """One run: the network being trained (a private copy), its data and settings, where it runs."""
+
+    model: ResNeXt
+    data: Dataset
+    config: TrainConfig
+    train_pre: Preprocessing  # what training views are made to
+    eval_pre: Preprocessing  # what validation (and the shipped model) uses
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    stop: Callable[[], bool] = lambda: False
+    start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.data.classes
+
+    @property
+    def amp(self) -> torch.dtype | None:
+        return autocast_dtype(self.device, self.config.precision)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def progress(self, stage: str, **fields) -> Progress:
+        return Progress(stage, elapsed_s=self.elapsed(), **fields)
+
+
+class Best:
+    """The best epoch so far: by validation accuracy, or by the lowest loss without validation."""
+
+    def __init__(self):
+        self.score, self.state, self.epoch, self.confusion = -math.inf, None, 0, None
+
+    def offer(self, epoch: int, record: dict, state: dict, confusion: Tensor, score: float | None = None) -> None:
+        if score is None:
+            score = record["val_acc"] if record["val_acc"] is not None else -record["loss"]
+        if score > self.score:
+            self.score, self.epoch, self.confusion = score, epoch, confusion
+            self.state = {k: v.detach().cpu().clone() for k, v in state.items()}
+
+    def result(self, history: list[dict]) -> tuple[dict, list[dict], int, Tensor]:
+        return self.state, history, self.epoch, self.confusion
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def decode(paths: list[Path], side: int) -> list[Tensor]:
+    """Decode every image once into memory, shorter side resized to ``side``: uint8 (3, H, W)."""
+    out = []
+    for path in paths:
+        image = load_image(path)
+        scale = side / min(image.size)
+        if scale < 1:
+            size = (max(side, round(image.size[0] * scale)), max(side, round(image.size[1] * scale)))
+            image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+        out.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
+    return out
+
+
+class AugmentedImages(torch.utils.data.Dataset):
+    """In-memory uint8 images -> augmented, normalized tensors."""
+
+    def __init__(self, images: list[Tensor], labels: list[int], size: int, pre: Preprocessing, config: TrainConfig):
+        from torchvision.transforms import v2
+
+        self.images, self.labels = images, labels
+        steps = [v2.RandomResizedCrop(size, scale=(config.min_scale, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+        if config.augment == "trivialaugment":
+            steps.append(v2.TrivialAugmentWide())
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)]
+        self.transform = v2.Compose(steps)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.transform(self.images[i]), self.labels[i]
+
+
+def augmented_training_set(data: Dataset, size: int, pre: Preprocessing, config: TrainConfig) -> AugmentedImages:
+    """``data``'s training images decoded once (shorter side 1.3x ``size``, room for the random
+    crops) with full mode's augmentation."""
+    images = decode([p for p, _ in data.train], side=max(size, round(size * 1.3)))
+    return AugmentedImages(images, [y for _, y in data.train], size, pre, config)
+
+
+def eval_tensors(paths: list[Path], pre: Preprocessing) -> Tensor:
+    return torch.stack([pre(load_image(p)) for p in paths]) if paths else torch.empty(0, 3, pre.input_size, pre.input_size)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size); joins the process group when started by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """bf16 (or fp16) autocast where the hardware computes it fast; None means fp32."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and _cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def eta(start: float, done: int, total: int) -> float | None:
+    elapsed = time.perf_counter() - start
+    return elapsed / done * (total - done) if done else None
+
+
+def freeze(model: nn.Module, train_layers: str) -> None:
+    """Stop gradients to the stages that do not train (see :data:`TRAINED_WITH`)."""
+    if train_layers != "all":
+        for name, module in model.named_children():
+            module.requires_grad_(name in TRAINED_WITH[train_layers])
+
+
+def freeze_batchnorm(model: nn.Module, train_layers: str) -> None:
+    """Put the frozen stages in eval mode, so their BN statistics stay as they are."""
+    if train_layers != "all":
+        for name, module in model.named_children():
+            if name not in TRAINED_WITH[train_layers]:
+                module.eval()
+
+
+def metrics(logits: Tensor, labels: Tensor, num_classes: int) -> tuple[float, Tensor]:
+    """(summed cross-entropy, confusion matrix [true, predicted])."""
+    loss = F.cross_entropy(logits.float(), labels, reduction="sum").item()
+    confusion = torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2)
+    return loss, confusion.view(num_classes, num_classes)
+
+
+def summarise(confusion: Tensor, classes: list[str]) -> tuple[float | None, dict[str, float | None]]:
+    """(overall accuracy, per-class accuracy) of a confusion matrix; None where nothing was seen."""
+    totals = confusion.sum(1)
+    per_class = {
+        name: (confusion[i, i].item() / totals[i].item() if totals[i] else None) for i, name in enumerate(classes)
+    }
+    n = totals.sum().item()
+    return (confusion.diag().sum().item() / n if n else None), per_class
+
+
+def evaluate_tensors(model, x, y, num_classes, device, amp, rank=0, world=1) -> tuple[float, Tensor]:
+    """Summed validation loss and confusion matrix, sharded over ranks and reduced."""
+    model.eval()
+    shard = slice(rank, None, world)
+    x, y = x[shard], y[shard]
+    loss, confusion = 0.0, torch.zeros(num_classes, num_classes, dtype=torch.long)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        for i in range(0, len(x), 64):
+            xb = x[i : i + 64].to(device).contiguous(memory_format=torch.channels_last)
+            batch_loss, batch_confusion = metrics(model(xb), y[i : i + 64].to(device), num_classes)
+            loss += batch_loss
+            confusion += batch_confusion.cpu()
+    if world > 1:
+        stats = torch.tensor([loss], dtype=torch.float64)
+        dist.all_reduce(stats)
+        dist.all_reduce(confusion)
+        loss = stats.item()
+    return loss, confusion
+
+
+def recalibrate_batchnorm(model: nn.Module, loader, device, amp, max_batches: int = 50) -> None:
+    """Recompute BN running statistics for averaged weights (as SWA's ``update_bn`` does), from
+    up to ``max_batches`` training batches."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = {m: m.momentum for m in bns}
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the batches seen
+    model.train()
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        for i, (x, _) in enumerate(loader):
+            if i >= max_batches:
+                break
+            model(x.to(device).contiguous(memory_format=torch.channels_last))
+    for m in bns:
+        m.momentum = momenta[m]
+    model.eval()
+
