@@ -254,10 +254,10 @@ def classify_many(classifier: Classifier, files) -> tuple[list[list], str | None
             (top,) = classifier.predict(load_image(path), k=3)
         except (ImageLoadError, FileNotFoundError) as err:
             problems += 1
-            rows.append([path.name, f"unreadable: {_without_folder(err, path).removeprefix(path.name + ': ')}",
-                         "", "", "", "", ""])
+            rows.append([path.name, f"unreadable: {_without_folder(err, path).removeprefix(path.name + ': ')}"]
+                        + [""] * (len(BATCH_HEADERS) - 2))
             continue
-        row = [path.name]
+        row = [path.name, VERDICT_WORDS[top.verdict]]
         for p in top + [None] * (3 - len(top)):
             row += [display_name(p.label), round(p.prob, 4)] if p else ["", ""]
         rows.append(row)
@@ -271,7 +271,8 @@ def classify_many(classifier: Classifier, files) -> tuple[list[list], str | None
     return rows, str(out)
 
 
-BATCH_HEADERS = ["file", "1st", "p1", "2nd", "p2", "3rd", "p3"]
+BATCH_HEADERS = ["file", "verdict", "1st", "p1", "2nd", "p2", "3rd", "p3"]
+VERDICT_WORDS = {"species": "species", "unsure": "not sure", "not_a_bird": "not a bird"}
 
 
 def _export_path(stem: str, suffix: str) -> Path:

@@ -8,6 +8,10 @@ Everything runs in one process on the same weights (our model mapped into torchv
   excluded, which favours torchvision);
 - ``explain``: ``Classifier.explain`` (top-k and the conv5 map, brought onto the photo) against
   ``pytorch_grad_cam.GradCAM`` on the full torchvision model, target ``layer4[-1]``;
+- ``full answer``: what the app shows for one photo (top-k, verdict, find-the-bird with its second
+  pass, the conv5 map and the overlay drawn on the photo), on a wide shot whose bird the locator
+  finds (two passes) and on the photo as given, against torchvision's eager fp32 forward on one
+  224 px tensor (the issue's reference, whatever our input size);
 - batch 8 for prediction;
 - top-1 agreement (and accuracy, where folder names are the model's classes) of the fast path
   against the plain fp32 path on real photos.
@@ -43,6 +47,7 @@ from resnext.checkpoint import load_checkpoint  # noqa: E402
 from resnext.checkpoint import to_torchvision as to_torchvision_names  # noqa: E402
 from resnext.inference import DEFAULT_CHECKPOINT  # noqa: E402
 from resnext.model import resnext50_32x4d  # noqa: E402
+from resnext.transforms import wider_shot  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "cub100" / "test"
 
@@ -214,6 +219,16 @@ def main() -> None:
         args.runs,
     )
     overlay = interleaved({"overlay": lambda: classifier.explain(photo).overlay}, args.runs)["overlay"]
+    wide = wider_shot(photo, 3)
+    x224 = torch.randn(1, 3, 224, 224)
+    full = interleaved(
+        {
+            "wide": lambda: classifier.explain(wide).overlay,
+            "plain": lambda: classifier.explain(photo).overlay,
+            "torchvision_224": lambda: torchvision_forward(x224),
+        },
+        args.runs,
+    )
     eight = interleaved(
         {"predict": lambda: classifier.predict(batch8_photos), "torchvision": lambda: torchvision_forward(x8)},
         max(20, args.runs // 3),
@@ -228,6 +243,11 @@ def main() -> None:
         "naive_gradcam_ms": round(one["naive_gradcam"], 2),
         "explain_over_predict": round(one["explain"] / one["predict"], 3),
         "naive_over_explain": round(one["naive_gradcam"] / one["explain"], 2),
+        "full_answer_wide_ms": round(full["wide"], 2),
+        "full_answer_wide_two_passes": classifier.explain(wide).found,
+        "full_answer_plain_ms": round(full["plain"], 2),
+        "torchvision_224_ms": round(full["torchvision_224"], 2),
+        "full_answer_ratio": round(max(full["wide"], full["plain"]) / full["torchvision_224"], 3),
         "batch8_predict_ms": round(eight["predict"], 1),
         "batch8_torchvision_ms": round(eight["torchvision"], 1),
         "batch8_ratio": round(eight["predict"] / eight["torchvision"], 3),
@@ -247,6 +267,9 @@ def main() -> None:
     print(f"predict  batch 8 {result['batch8_predict_ms']:7.1f} ms   torchvision fp32 {result['batch8_torchvision_ms']:7.1f} ms   ratio {result['batch8_ratio']:.2f}")
     print(f"explain          {result['explain_ms']:7.1f} ms   naive grad-cam   {result['naive_gradcam_ms']:7.1f} ms   naive/explain {result['naive_over_explain']:.1f}x  (target >= 4)")
     print(f"explain / predict {result['explain_over_predict']:.2f}  (target <= 1.15); with the overlay drawn {result['explain_with_overlay_ms']:.1f} ms")
+    print(f"full answer (verdict, find-the-bird, heatmap, overlay): wide shot {result['full_answer_wide_ms']:.1f} ms "
+          f"(two passes: {result['full_answer_wide_two_passes']}), as given {result['full_answer_plain_ms']:.1f} ms; "
+          f"torchvision fp32 at 224 px {result['torchvision_224_ms']:.1f} ms; ratio {result['full_answer_ratio']:.2f}  (target <= 0.60)")
     line = f"top-1 agreement fast vs fp32: {result['top1_agreement']:.2%} on {result['agreement_on']}"
     if "accuracy_fast" in result:
         line += f"; accuracy {result['accuracy_fast']:.2%} (fast) vs {result['accuracy_fp32']:.2%} (fp32)"

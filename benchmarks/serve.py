@@ -38,8 +38,9 @@ class AppServer:
     Entering waits until the port accepts connections (``timeout`` seconds at most); leaving
     terminates the process. The app's output goes to ``W/app.log``."""
 
-    def __init__(self, checkpoint: Path, workdir: Path, timeout: float = 180.0, extra_env: dict | None = None):
-        self.checkpoint, self.workdir, self.timeout = Path(checkpoint), Path(workdir), timeout
+    def __init__(self, checkpoint: Path, workdir: Path, timeout: float = 180.0, extra_env: dict | None = None,
+                 device: str = "auto"):
+        self.checkpoint, self.workdir, self.timeout, self.device = Path(checkpoint), Path(workdir), timeout, device
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.cache = self.workdir / "gradio-cache"
@@ -51,7 +52,7 @@ class AppServer:
         self.log = open(self.workdir / "app.log", "w")
         self.proc = subprocess.Popen(
             [sys.executable, "app.py", "--checkpoint", str(self.checkpoint), "--port", str(self.port),
-             "--workdir", str(self.workdir)],
+             "--workdir", str(self.workdir), "--device", self.device],
             cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
         )
         return self

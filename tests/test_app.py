@@ -82,7 +82,8 @@ def test_classify_many_writes_a_csv_and_marks_bad_files(registry, photo_file, tm
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG broken")
     rows, csv_path = app.classify_many(registry.get(None), [str(photo_file), str(bad)])
-    assert rows[0][0] == "bird.png" and rows[0][1] in {display_name(c) for c in CLASSES}
+    assert rows[0][0] == "bird.png" and rows[0][1] in ("species", "not sure") and rows[0][2] in {display_name(c) for c in CLASSES}
+    assert len(rows[0]) == len(rows[1]) == len(app.BATCH_HEADERS)
     assert rows[1][0] == "broken.png" and rows[1][1].startswith("unreadable: ") and str(tmp_path) not in rows[1][1]
     assert Path(csv_path).parent == registry.workdir / "exports"
     text = Path(csv_path).read_text().splitlines()
