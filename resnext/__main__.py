@@ -35,6 +35,29 @@ def main(argv: list[str] | None = None) -> int:
     info = commands.add_parser("info", help="print a checkpoint's metadata as JSON")
     info.add_argument("checkpoint", metavar="CHECKPOINT")
 
+    _add_train_command(commands)
+
+    evaluate = commands.add_parser("evaluate", help="top-1/top-5 and per-class accuracy on a class-folder tree")
+    evaluate.add_argument("data", metavar="DATA")
+    evaluate.add_argument("--checkpoint", metavar="PATH", help="model file (default: the bird model)")
+    evaluate.add_argument("--image-size", type=int, metavar="S", help="input size (default: the checkpoint's)")
+    evaluate.add_argument("--zoom-out", type=float, default=1.0, metavar="F",
+                          help="make each photo a wider shot first: the bird at 1/F of the frame (default 1: as given)")
+    evaluate.add_argument("--no-find-bird", dest="find_bird", action="store_false", help="one pass per photo")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.add_argument("--device", default="auto")
+
+    args = parser.parse_args(argv)
+    if args.command == "predict" and args.topk < 1:
+        parser.error(f"--topk must be at least 1, got {args.topk}")
+    try:
+        return {"predict": _predict, "info": _info, "train": _train, "evaluate": _evaluate}[args.command](args)
+    except (OSError, ValueError, RuntimeError) as err:  # bad data, checkpoint, device, download, a failed write
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _add_train_command(commands) -> None:
     train = commands.add_parser("train", help="fine-tune on a class-folder tree or a .zip of one")
     train.add_argument("data", metavar="DATA", help="folder with one sub-folder per class, or a .zip of it")
     train.add_argument("--out", required=True, metavar="PATH.safetensors", help="checkpoint to write")
@@ -75,25 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     distill.add_argument("--unlabelled", nargs="*", default=[], metavar="DIR", help="folders of bird photos without labels")
     distill.add_argument("--negatives", nargs="*", default=[], metavar="DIR", help="folders of photos with no bird")
     distill.add_argument("--zoom-out", type=float, default=0.5, metavar="P", help="share of views zoomed out (bird at 1/4..1)")
-
-    evaluate = commands.add_parser("evaluate", help="top-1/top-5 and per-class accuracy on a class-folder tree")
-    evaluate.add_argument("data", metavar="DATA")
-    evaluate.add_argument("--checkpoint", metavar="PATH", help="model file (default: the bird model)")
-    evaluate.add_argument("--image-size", type=int, metavar="S", help="input size (default: the checkpoint's)")
-    evaluate.add_argument("--zoom-out", type=float, default=1.0, metavar="F",
-                          help="make each photo a wider shot first: the bird at 1/F of the frame (default 1: as given)")
-    evaluate.add_argument("--no-find-bird", dest="find_bird", action="store_false", help="one pass per photo")
-    evaluate.add_argument("--json", action="store_true")
-    evaluate.add_argument("--device", default="auto")
-
-    args = parser.parse_args(argv)
-    if args.command == "predict" and args.topk < 1:
-        parser.error(f"--topk must be at least 1, got {args.topk}")
-    try:
-        return {"predict": _predict, "info": _info, "train": _train, "evaluate": _evaluate}[args.command](args)
-    except (OSError, ValueError, RuntimeError) as err:  # bad data, checkpoint, device, download, a failed write
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_FAILED
 
 
 def _predict(args: argparse.Namespace) -> int:

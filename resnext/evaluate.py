@@ -35,36 +35,21 @@ def evaluate(classifier: Classifier, folder: str | os.PathLike, batch_size: int 
         FileNotFoundError: no such folder. DataError: no folder matches a class.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder")
-    index = {name: i for i, name in enumerate(classifier.classes)}
-    items, unknown, skipped = [], [], []
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        if sub.name not in index:
-            unknown.append(sub.name)
-            continue
-        items += [(f, index[sub.name]) for f in sorted(sub.rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS]
-    if not items:
-        raise DataError(f"{folder}: no image in a folder named after one of the model's {len(index)} classes")
-    k = min(5, len(index))
-    n_classes = len(index)
+    items, unknown = _labelled_files(folder, classifier.classes)
+    skipped = []
+    n_classes = len(classifier.classes)
+    k = min(5, n_classes)
     confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
     top5 = 0
     confidences = {True: [], False: []}
     verdicts = dict.fromkeys(VERDICTS, 0)
     found = 0
     for start in range(0, len(items), batch_size):
-        batch, labels = [], []
-        for path, label in items[start : start + batch_size]:
-            try:
-                photo = load_image(path)
-                batch.append(wider_shot(photo, zoom_out) if zoom_out > 1 else photo)
-                labels.append(label)
-            except (ImageLoadError, OSError) as err:
-                skipped.append({"file": str(path.relative_to(folder)), "reason": str(err)})
-        if not batch:
-            continue
-        for label, answer in zip(labels, classifier.predict(batch, k=k, batch_size=batch_size, find_bird=find_bird)):
+        chunk = items[start : start + batch_size]
+        batch, kept, failed = _photos([path for path, _ in chunk], zoom_out)
+        skipped += [{"file": str(chunk[i][0].relative_to(folder)), "reason": reason} for i, reason in failed]
+        labels = [chunk[i][1] for i in kept]
+        for label, answer in zip(labels, classifier.predict(batch, k=k, batch_size=batch_size, find_bird=find_bird) if batch else []):
             confusion[label, answer[0].index] += 1
             top5 += int(label in [p.index for p in answer])
             confidences[answer[0].index == label].append(answer[0].prob)
@@ -90,6 +75,38 @@ def evaluate(classifier: Classifier, folder: str | os.PathLike, batch_size: int 
     }
 
 
+def _photos(paths: list, zoom_out: float) -> tuple[list, list[int], list[tuple[int, str]]]:
+    """The readable photos among ``paths`` (wider shots when ``zoom_out`` > 1), their positions,
+    and (position, reason) for each unreadable file."""
+    photos, kept, failed = [], [], []
+    for i, path in enumerate(paths):
+        try:
+            photo = load_image(path)
+        except (ImageLoadError, OSError) as err:
+            failed.append((i, str(err)))
+            continue
+        photos.append(wider_shot(photo, zoom_out) if zoom_out > 1 else photo)
+        kept.append(i)
+    return photos, kept, failed
+
+
+def _labelled_files(folder: Path, classes: list[str]) -> tuple[list[tuple[Path, int]], list[str]]:
+    """(image, class index) for every image in a sub-folder named after a class; the other
+    sub-folders' names."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    index = {name: i for i, name in enumerate(classes)}
+    items, unknown = [], []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if sub.name not in index:
+            unknown.append(sub.name)
+            continue
+        items += [(f, index[sub.name]) for f in sorted(sub.rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS]
+    if not items:
+        raise DataError(f"{folder}: no image in a folder named after one of the model's {len(index)} classes")
+    return items, unknown
+
+
 def verdict_rates(classifier: Classifier, paths: list, batch_size: int = 32, zoom_out: float = 1.0) -> dict:
     """The share of each verdict over image files of any kind (no labels needed): for birds of
     other species (which should be "unsure") and photos with no bird ("not_a_bird").
@@ -97,13 +114,8 @@ def verdict_rates(classifier: Classifier, paths: list, batch_size: int = 32, zoo
     verdicts = dict.fromkeys(VERDICTS, 0)
     skipped = 0
     for start in range(0, len(paths), batch_size):
-        photos = []
-        for path in paths[start : start + batch_size]:
-            try:
-                photo = load_image(path)
-                photos.append(wider_shot(photo, zoom_out) if zoom_out > 1 else photo)
-            except (ImageLoadError, OSError):
-                skipped += 1
+        photos, _, failed = _photos(paths[start : start + batch_size], zoom_out)
+        skipped += len(failed)
         for answer in classifier.predict(photos, k=1, batch_size=batch_size) if photos else []:
             verdicts[answer.verdict] += 1
     n = sum(verdicts.values())

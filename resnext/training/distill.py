@@ -115,10 +115,7 @@ def run(ctx: Context):
     freeze(model, config.train_layers)
     model.to(ctx.device).to(memory_format=torch.channels_last)
     projection = nn.Linear(model.num_features, 1280).to(ctx.device)  # student features -> teacher's; not shipped
-    trained = [p for p in model.parameters() if p.requires_grad] + list(projection.parameters())
-    optimizer = torch.optim.SGD([{"params": [p for p in trained if p.ndim > 1], "weight_decay": config.weight_decay},
-                                 {"params": [p for p in trained if p.ndim <= 1], "weight_decay": 0.0}],
-                                lr=config.lr, momentum=0.9, nesterov=True)
+    optimizer = _sgd(model, projection, config)
     mix = _batch_mix(config, len(pools["unlabelled"]))
     steps_per_epoch = max(1, len(pools["labelled"]) // mix[0])
     total = config.epochs * steps_per_epoch
@@ -153,6 +150,14 @@ def run(ctx: Context):
                            eta_s=eta(clock["t0"], clock["step"], total),
                            message=_third_message(record))
     return best.result(history)
+
+
+def _sgd(model: nn.Module, projection: nn.Module, config) -> torch.optim.Optimizer:
+    """SGD-Nesterov on what trains, without weight decay on BN parameters and biases."""
+    trained = [p for p in model.parameters() if p.requires_grad] + list(projection.parameters())
+    return torch.optim.SGD([{"params": [p for p in trained if p.ndim > 1], "weight_decay": config.weight_decay},
+                            {"params": [p for p in trained if p.ndim <= 1], "weight_decay": 0.0}],
+                           lr=config.lr, momentum=0.9, nesterov=True)
 
 
 def _third_message(record: dict) -> str:
