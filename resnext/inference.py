@@ -202,7 +202,7 @@ class Classifier:
             p, box, found, chosen = probs[i], seen, False, (features[i : i + 1], logits[i : i + 1])
             bird = None if cells is None else float(cells[i].max())
             if find_bird and cells is not None and self.rules.find_below > 0:
-                area, frac = bird_box(cells[i])
+                area, frac = bird_box(cells[i], margin=self.rules.find_margin)
                 if (self.rules.bird_below is None or bird >= self.rules.bird_below) and 0 < area < self.rules.find_below:
                     box = _sub_box(seen, frac)
                     crop_features = self.features(self.preprocessing(photo.crop(box)).unsqueeze(0))
@@ -279,7 +279,6 @@ class Classifier:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         return min(k, len(self.classes))
-
 
 
 def _sub_box(outer: tuple[float, float, float, float], frac: tuple[float, float, float, float]) -> tuple[float, ...]:

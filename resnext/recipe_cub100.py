@@ -28,6 +28,7 @@ from .inference import DEFAULT_CHECKPOINT
 from .training import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
+FIND_MARGINS = (1.3, 1.6, 2.0)
 CONFIG = TrainConfig(
     mode="distill",
     init="default",
@@ -89,12 +90,18 @@ def calibrate(raw: Path, data, splits: dict[str, list[Path]], out: Path) -> dict
     classifier = Classifier(model, info, device="cpu")
     photos = [load_image(p) for p, _ in data.val]
     labels = torch.tensor([y for _, y in data.val])
-    labelled = {f"1/{f}": (run_passes(classifier, [wider_shot(p, f) if f > 1 else p for p in photos]), labels)
-                for f in (1, 2, 3)}
     others = splits["other_species_val"]
     choose_others, report_others = others[: len(others) // 2], others[len(others) // 2 :]
-    other_passes = run_passes(classifier, [load_image(p) for p in choose_others])
-    rules, table = choose_rules(labelled, [p for p, _ in labelled.values()] + [other_passes], other_passes, len(info.classes))
+    other_photos = [load_image(p) for p in choose_others]
+    candidates = []
+    for margin in FIND_MARGINS:  # the crop's margin, chosen like the rest on validation
+        labelled = {f"1/{f}": (run_passes(classifier, [wider_shot(p, f) if f > 1 else p for p in photos], margin=margin), labels)
+                    for f in (1, 2, 3)}
+        other_passes = run_passes(classifier, other_photos, margin=margin)
+        birds = [p for p, _ in labelled.values()] + [other_passes]
+        candidates.append(choose_rules(labelled, birds, other_passes, len(info.classes), margin=margin))
+    rules, table = max(candidates, key=lambda c: c[1]["best_val_top1"])
+    table["by_margin"] = {c[0].find_margin: c[1]["best_val_top1"] for c in candidates}
     provenance = dict(info.provenance)
     provenance["verdict"] = rules.to_dict()
     provenance["verdict_selection"] = table

@@ -7,7 +7,8 @@ Every answer gets one verdict:
 - ``"species"``: the top-1 class, said plainly.
 
 Find-the-bird: where the locator says the bird covers less than ``find_below`` of the frame, the
-photo is cropped around it and classified again; the two answers' probabilities are combined with
+photo is cropped around it (a square ``find_margin`` times the bird's estimated side) and
+classified again; the two answers' probabilities are combined with
 weight ``crop_weight`` on the crop's. Every number is chosen on validation data by the training
 recipe (or a fine-tune) and stored in the checkpoint's provenance under ``"verdict"``.
 
@@ -43,12 +44,15 @@ class VerdictRules:
     find_below: float = 0.0  # 0: find-the-bird off
     crop_weight: float = 0.5
     source: str = "default"  # how the numbers were chosen
+    find_margin: float = 1.6  # the crop's side over the bird's estimated side
 
     def __post_init__(self) -> None:
         for name in ("unsure_below", "find_below", "crop_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"verdict {name} must be a number in [0, 1], got {value!r}")
+        if not isinstance(self.find_margin, (int, float)) or not 1.0 <= self.find_margin <= 4.0:
+            raise ValueError(f"verdict find_margin must be a number in [1, 4], got {self.find_margin!r}")
         if self.bird_below is not None and not 0.0 <= self.bird_below <= 1.0:
             raise ValueError(f"verdict bird_below must be in [0, 1] or null, got {self.bird_below!r}")
 

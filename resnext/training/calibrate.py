@@ -31,7 +31,7 @@ class Passes:
     area: Tensor
 
 
-def run_passes(classifier: Classifier, photos: list, batch_size: int = 32) -> Passes:
+def run_passes(classifier: Classifier, photos: list, batch_size: int = 32, margin: float = 1.6) -> Passes:
     """Run both passes on decoded photos (the crop pass whatever the locator says; a model
     without a locator gets one pass, and a bird score of 1)."""
     out = {"whole": [], "crop": [], "bird": [], "area": []}
@@ -49,7 +49,7 @@ def run_passes(classifier: Classifier, photos: list, batch_size: int = 32) -> Pa
             continue
         crops = []
         for photo, c in zip(chunk, cells):
-            area, frac = bird_box(c)
+            area, frac = bird_box(c, margin=margin)
             out["bird"].append(float(c.max()))
             out["area"].append(area)
             crops.append(pre(photo.crop(_sub_box(pre.crop_box(*photo.size), frac))))
@@ -67,7 +67,7 @@ def combined(passes: Passes, rules: VerdictRules) -> Tensor:
 
 
 def choose_rules(labelled: dict[str, tuple[Passes, Tensor]], birds: list[Passes], others: Passes | None,
-                 num_classes: int, bird_quantile: float = 0.01) -> tuple[VerdictRules, dict]:
+                 num_classes: int, bird_quantile: float = 0.01, margin: float = 1.6) -> tuple[VerdictRules, dict]:
     """Verdict rules from held-out data.
 
     Args:
@@ -75,6 +75,7 @@ def choose_rules(labelled: dict[str, tuple[Passes, Tensor]], birds: list[Passes]
         birds: passes of every held-out bird photo (the model's classes and others): the bird
             threshold lets ``bird_quantile`` of them through as "not a bird".
         others: passes of birds of classes the model does not know (should come out unsure).
+        margin: the crop margin the passes were run with (recorded in the rules).
 
     find-the-bird's setting maximises the mean top-1 over ``labelled``; then the unsure threshold
     is chosen by :func:`~resnext.verdict.choose_unsure` on the combined answers.
@@ -98,9 +99,10 @@ def choose_rules(labelled: dict[str, tuple[Passes, Tensor]], birds: list[Passes]
         wrong += top1[pred != y].tolist()
     other = combined(others, rules).max(1).values.tolist() if others is not None else None
     unsure, how = choose_unsure(right, wrong, num_classes, other)
-    rules = VerdictRules(unsure, bird_below, *best, source=f"held-out validation photos; unsure: {how}")
+    rules = VerdictRules(unsure, bird_below, *best, source=f"held-out validation photos; unsure: {how}",
+                         find_margin=margin)
     report = {"find_the_bird_val_top1": {f"find<{f} w={w}": round(a, 4) for (f, w), a in table.items()},
-              "bird_below_quantile": bird_quantile}
+              "best_val_top1": round(table[best], 4), "bird_below_quantile": bird_quantile}
     return rules, report
 
 
@@ -140,3 +142,52 @@ def default_unsure_for(classes: list[str]) -> float:
     from ..verdict import default_unsure
 
     return default_unsure(len(classes))
+
+
+def refit_locator(classifier: Classifier, birds: list, negatives: list, factors=(1, 2, 3), l2: float = 1e-3,
+                  batch_size: int = 32) -> dict:
+    """Fit the locator head again on the trained network's frozen conv5 features, with the bird
+    photos and the photos without a bird weighted equally.
+
+    During training the locator sees far more bird cells than empty ones (a batch is mostly birds)
+    and leans towards "bird"; here every bird photo is also shown as wider shots (``factors``),
+    and each conv5 cell is one example whose target is the covered fraction of the cell (zero for
+    every cell of a negative). A convex problem (logistic regression, L-BFGS), solved exactly.
+    Changes ``classifier.model.locator`` in place; returns the fit's numbers.
+    """
+    from ..transforms import wider_shot
+    from .augment import coverage
+
+    rows, targets, weights = [], [], []
+    pre = classifier.preprocessing
+    jobs = [(wider_shot(p, f) if f > 1 else p, (0.5 - 0.5 / f, 0.5 - 0.5 / f, 0.5 + 0.5 / f, 0.5 + 0.5 / f))
+            for p in birds for f in factors] + [(p, None) for p in negatives]
+    n_bird = len(birds) * len(factors)
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        features = classifier.features(torch.stack([pre(p) for p, _ in chunk])).float().cpu()  # (B, C, h, w)
+        cells = features.shape[-1]
+        rows.append(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]))
+        targets += [coverage(box, cells).flatten() for _, box in chunk]
+        weights += [torch.full((cells * cells,), 0.5 / (n_bird if box else len(negatives))) for _, box in chunk]
+    x, y, w = torch.cat(rows), torch.cat(targets), torch.cat(weights)
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    x = (x - mean) / std
+    head = torch.nn.Linear(x.shape[1], 1)
+    optimizer = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=200, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(head(x).squeeze(1), y, reduction="none")
+        loss = (bce * w).sum() / w.sum() + l2 * head.weight.pow(2).sum()  # birds and negatives weigh half each
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        final = float(optimizer.step(closure).detach())
+    locator = classifier.model.locator
+    with torch.no_grad():  # fold the standardisation into the 1x1 convolution
+        weight = head.weight[0] / std
+        locator.weight.copy_(weight.view_as(locator.weight).to(locator.weight))
+        locator.bias.copy_((head.bias - (weight * mean).sum()).to(locator.bias))
+    return {"rows": len(x), "bird_photos": n_bird, "negative_photos": len(negatives), "loss": round(final, 4)}
