@@ -8,9 +8,13 @@ MobileNetV2, with a locator head and verdicts.
 1. ``distill``: the engine's distill mode (settings in :data:`CONFIG`) on CUB-100's train split
    minus a seeded 5% validation split, with birds of 480 other species (4 of each 5 photos) as
    unlabelled photos and 2 of every 3 non-bird photos as negatives. conv1..conv3 stay frozen.
-2. ``calibrate``: on held-out data only (the 5% validation split, the 5th photo of each other
-   species, every 3rd non-bird photo), choose how find-the-bird combines its two passes and the
-   verdict thresholds; write them into the checkpoint.
+2. ``calibrate``: the locator is fit again on the trained network's frozen conv5 features with
+   bird photos (as given and as wider shots) and photos without a bird weighted equally (in
+   training they are a tenth of each batch, and the head leans towards "bird"); then, on held-out
+   data only (the 5% validation split, the 5th photo of half of the other species), choose
+   find-the-bird's margin, threshold and weight and the verdict thresholds, and write them into
+   the checkpoint. Every 3rd non-bird photo and the other half of the other species are held out
+   for reporting only.
 
 Report accuracy afterwards with ``python -m resnext evaluate .../cub100/test``.
 """
@@ -72,6 +76,25 @@ def link_folder(paths: list[Path], folder: Path) -> Path:
     return folder
 
 
+def _refit_photos(data, splits: dict[str, list[Path]], birds: int = 600, others: int = 300, made_up: int = 200):
+    """Training photos for the locator's refit: a seeded sample of the labelled and the other
+    species' training photos, every non-bird training photo and made-up non-photos."""
+    import random
+
+    import torch
+    from torchvision.transforms.functional import to_pil_image
+
+    from .training.augment import synthetic_nonphoto
+    from .transforms import load_image
+
+    rng = random.Random(CONFIG.seed)
+    positives = [p for p, _ in rng.sample(data.train, birds)] + rng.sample(splits["other_species_train"], others)
+    g = torch.Generator().manual_seed(CONFIG.seed)
+    negatives = [load_image(p) for p in splits["nonbird_train"]]
+    negatives += [to_pil_image(synthetic_nonphoto(CONFIG.teacher_size, g)) for _ in range(made_up)]
+    return [load_image(p) for p in positives], negatives
+
+
 def calibrate(raw: Path, data, splits: dict[str, list[Path]], out: Path) -> dict:
     """Phase 2: choose the verdict rules on held-out photos and write the shipped checkpoint.
 
@@ -83,11 +106,12 @@ def calibrate(raw: Path, data, splits: dict[str, list[Path]], out: Path) -> dict
     from .checkpoint import load_checkpoint, save_checkpoint
     from .evaluate import verdict_rates
     from .inference import Classifier
-    from .training.calibrate import choose_rules, run_passes
+    from .training.calibrate import choose_rules, refit_locator, run_passes
     from .transforms import load_image, wider_shot
 
     model, info = load_checkpoint(raw)
     classifier = Classifier(model, info, device="cpu")
+    refit = refit_locator(classifier, *_refit_photos(data, splits))
     photos = [load_image(p) for p, _ in data.val]
     labels = torch.tensor([y for _, y in data.val])
     others = splits["other_species_val"]
@@ -105,6 +129,7 @@ def calibrate(raw: Path, data, splits: dict[str, list[Path]], out: Path) -> dict
     provenance = dict(info.provenance)
     provenance["verdict"] = rules.to_dict()
     provenance["verdict_selection"] = table
+    provenance["locator_refit"] = refit
     save_checkpoint(out, model, info.classes, info.preprocessing, provenance)
     shipped = Classifier(*load_checkpoint(out), device="cpu")
     rates = {
