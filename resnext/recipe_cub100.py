@@ -139,6 +139,27 @@ def calibrate(raw: Path, data, splits: dict[str, list[Path]], out: Path) -> dict
     return {"rules": rules.to_dict(), **table, **rates}
 
 
+def record_test(out: Path, test: Path) -> dict:
+    """Evaluate the shipped checkpoint on the test split as given and as wider shots (the bird at
+    1/2 and 1/3 of the frame) and record the numbers in its metadata (recorded only: nothing is
+    chosen on them). Returns the full reports."""
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .evaluate import evaluate
+    from .inference import Classifier
+
+    model, info = load_checkpoint(out)
+    classifier = Classifier(model, info, device="cpu")
+    reports = {f: evaluate(classifier, test, zoom_out=f) for f in (1, 2, 3)}
+    metrics = dict(info.provenance.get("metrics") or {})
+    plain = reports[1]
+    metrics.update(test_top1=plain["top1"], test_top5=plain["top5"], test_n=plain["n"])
+    metrics["test_by_frame"] = {f"1/{f}": {"top1": round(r["top1"], 4), "top5": round(r["top5"], 4),
+                                           "verdicts": {k: round(v, 4) for k, v in r["verdicts"].items()},
+                                           "found_bird": round(r["found_bird"], 4)} for f, r in reports.items()}
+    save_checkpoint(out, model, info.classes, info.preprocessing, {**info.provenance, "metrics": metrics})
+    return {f"1/{f}": r for f, r in reports.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
@@ -147,6 +168,9 @@ def main() -> None:
     parser.add_argument("--init", default=CONFIG.init, help="start point (default: the installed default model)")
     parser.add_argument("--epochs", type=int, default=CONFIG.epochs)
     parser.add_argument("--skip-training", action="store_true", help="only calibrate --raw")
+    parser.add_argument("--record-test", type=Path, metavar="DIR",
+                        help="then evaluate on this test folder and record the result in the metadata")
+    parser.add_argument("--report", type=Path, metavar="JSON", help="write phase 2's and the test's full reports here")
     args = parser.parse_args()
     raw = args.raw or args.out.with_suffix(".raw.safetensors")
     data = load_dataset(args.shared / "data" / "cub100" / "train", val_split=CONFIG.val_split, seed=CONFIG.seed)
@@ -174,7 +198,14 @@ def main() -> None:
             })
             result = train(data, config, out=raw, callback=show)
         print(f"phase 1: best val {result.val_acc:.2%} at epoch {result.best_epoch}, {result.seconds / 60:.1f} min", flush=True)
-    print(json.dumps({"phase 2": calibrate(raw, data, splits, args.out)}, indent=1), flush=True)
+    report = {"phase 2": calibrate(raw, data, splits, args.out)}
+    print(json.dumps(report["phase 2"], indent=1), flush=True)
+    if args.record_test:
+        report["test"] = record_test(args.out, args.record_test)
+        print(json.dumps({k: {m: r[m] for m in ("top1", "top5", "n", "verdicts", "found_bird")} for k, r in report["test"].items()}),
+              flush=True)
+    if args.report:
+        args.report.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
