@@ -217,7 +217,7 @@ def classify(classifier: Classifier, image, top_k: int = 5, target: str | None =
     if main.verdict == "not_a_bird":
         label = "No bird found"
     if main.found:
-        lines.append("🔎 The bird looked small, so I also looked closer at the boxed part of the photo.")
+        lines.append("The bird looked small, so I also looked closer at the boxed part of the photo (the green box).")
     lines.append(f"Where the model looked to decide **{display_name(main.label)}** ({main.prob:.0%}), "
                  f"{METHOD_NAMES.get(main.method, main.method)} on conv5.")
     lines.append(f"<span class='small-print'>{elapsed:.0f} ms · {classifier.device.type.upper()} · "
