@@ -145,3 +145,27 @@ def test_cli_evaluate_reports_verdicts_and_zoom_out(located, tmp_path, capsys, p
     assert report["verdicts"]["species"] == 1.0  # bird score 0.95 everywhere, unsure threshold 0
     assert main(["evaluate", str(tmp_path / "data"), "--checkpoint", str(located), "--zoom-out", "0.5"]) == 2
     assert "--zoom-out must be at least 1, got 0.5" in capsys.readouterr().err
+
+
+def test_a_quick_fine_tune_keeps_the_bird_check_only_for_birds(located, tmp_path):
+    """The start model's rules (bird check, find-the-bird and its margin) survive a fine-tune whose
+    validation photos pass the bird check, and are dropped when they do not."""
+    from resnext.data import load_dataset
+    from resnext.training import TrainConfig, train
+
+    from conftest import make_shapes
+
+    data = load_dataset(make_shapes(tmp_path / "shapes", classes=3, per_class=8))
+    out = tmp_path / "ft.safetensors"
+    rules = {"unsure_below": 0.3, "bird_below": 0.5, "find_below": 0.4, "crop_weight": 1.0, "find_margin": 1.3}
+    model, info = load_checkpoint(located)
+    save_checkpoint(located, model, info.classes, info.preprocessing, {"verdict": rules})  # bird score 0.95 everywhere
+    train(data, TrainConfig(mode="quick", init=str(located), epochs=2), out=out)
+    kept = load_checkpoint(out)[1].provenance["verdict"]
+    assert kept["bird_below"] == 0.5 and kept["find_below"] == 0.4 and kept["find_margin"] == 1.3
+    assert kept["unsure_below"] > 1 / 3  # 3 classes: never under chance
+    torch.nn.init.constant_(model.locator.bias, -3.0)  # now nothing looks like a bird to it
+    save_checkpoint(located, model, info.classes, info.preprocessing, {"verdict": rules})
+    train(data, TrainConfig(mode="quick", init=str(located), epochs=2), out=out)
+    dropped = load_checkpoint(out)[1].provenance["verdict"]
+    assert dropped["bird_below"] is None and dropped["find_below"] == 0.0
