@@ -188,6 +188,13 @@ class Classifier:
         with torch.inference_mode():
             return torch.sigmoid(self.model.forward_locator(features.float())).cpu()
 
+    def bird_crop(self, photo, cells: Tensor, margin: float | None = None) -> tuple[float, tuple[float, ...]]:
+        """The bird's estimated area (fraction of what the first pass saw) and the square box
+        around it in ``photo``'s pixels, from the locator's cells ``(h, w)`` for that photo;
+        ``margin`` defaults to the rules' ``find_margin``."""
+        area, frac = bird_box(cells, margin=self.rules.find_margin if margin is None else margin)
+        return area, _sub_box(self.preprocessing.crop_box(*photo.size), frac)
+
     def _answer(self, photos: list, k: int, find_bird: bool) -> list[tuple[Answer, tuple[Tensor, Tensor]]]:
         """Answers for decoded photos, each with the (features, logits) of the pass it trusts most
         (the crop's when find-the-bird made one), for explanations."""
@@ -201,14 +208,13 @@ class Classifier:
             seen = self.preprocessing.crop_box(*photo.size)
             p, box, found, chosen = probs[i], seen, False, (features[i : i + 1], logits[i : i + 1])
             bird = None if cells is None else float(cells[i].max())
-            if find_bird and cells is not None and self.rules.find_below > 0:
-                area, frac = bird_box(cells[i], margin=self.rules.find_margin)
-                if (self.rules.bird_below is None or bird >= self.rules.bird_below) and 0 < area < self.rules.find_below:
-                    box = _sub_box(seen, frac)
+            if find_bird and cells is not None:
+                area, crop_box = self.bird_crop(photo, cells[i])
+                if self.rules.looks_closer(bird, area):
+                    box = crop_box
                     crop_features = self.features(self.preprocessing(photo.crop(box)).unsqueeze(0))
                     crop_logits = self.logits(crop_features)
-                    w = self.rules.crop_weight
-                    p = (1 - w) * p + w * torch.softmax(crop_logits.float()[0], dim=0).cpu()
+                    p = self.rules.mix(p, torch.softmax(crop_logits.float()[0], dim=0).cpu())
                     found, chosen = True, (crop_features, crop_logits)
             values, indices = p.topk(k)
             predictions = [Prediction(self.classes[j], j, v) for v, j in zip(values.tolist(), indices.tolist())]

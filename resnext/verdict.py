@@ -72,6 +72,18 @@ class VerdictRules:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def looks_closer(self, bird, area):
+        """Whether find-the-bird makes its second pass: the bird is there and covers less than
+        ``find_below``. Takes floats or tensors (one decision per element) alike."""
+        use = (area > 0) & (area < self.find_below)
+        if self.bird_below is not None and bird is not None:
+            use = use & (bird >= self.bird_below)
+        return use
+
+    def mix(self, whole, crop):
+        """The answer's probabilities from the whole photo's and the crop's."""
+        return (1 - self.crop_weight) * whole + self.crop_weight * crop
+
     def verdict(self, top1: float, bird: float | None) -> str:
         if self.bird_below is not None and bird is not None and bird < self.bird_below:
             return "not_a_bird"

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..inference import Classifier, _sub_box
-from ..verdict import VerdictRules, bird_box, choose_unsure, default_unsure
+from ..inference import Classifier
+from ..verdict import VerdictRules, choose_unsure, default_unsure
 
 __all__ = ["Passes", "run_passes", "choose_rules", "combined"]
 
@@ -49,21 +49,18 @@ def run_passes(classifier: Classifier, photos: list, batch_size: int = 32, margi
             continue
         crops = []
         for photo, c in zip(chunk, cells):
-            area, frac = bird_box(c, margin=margin)
+            area, box = classifier.bird_crop(photo, c, margin)
             out["bird"].append(float(c.max()))
             out["area"].append(area)
-            crops.append(pre(photo.crop(_sub_box(pre.crop_box(*photo.size), frac))))
+            crops.append(pre(photo.crop(box)))
         out["crop"].append(torch.softmax(classifier.logits(classifier.features(torch.stack(crops))), 1).cpu())
     return Passes(torch.cat(out["whole"]), torch.cat(out["crop"]), torch.tensor(out["bird"]), torch.tensor(out["area"]))
 
 
 def combined(passes: Passes, rules: VerdictRules) -> Tensor:
     """The probabilities the classifier answers with under ``rules`` (N, K)."""
-    use = (passes.area > 0) & (passes.area < rules.find_below)
-    if rules.bird_below is not None:
-        use &= passes.bird >= rules.bird_below
-    w = rules.crop_weight
-    return torch.where(use[:, None], (1 - w) * passes.whole + w * passes.crop, passes.whole)
+    use = rules.looks_closer(passes.bird, passes.area)
+    return torch.where(use[:, None], rules.mix(passes.whole, passes.crop), passes.whole)
 
 
 def choose_rules(labelled: dict[str, tuple[Passes, Tensor]], birds: list[Passes], others: Passes | None,
