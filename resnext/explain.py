@@ -145,7 +145,7 @@ def overlay(
 
     Unlike grad-cam's ``show_cam_on_image``, the blend is not rescaled to its maximum, so opacity 0
     gives back the photo unchanged, and with ``box`` the parts of the photo the network never saw
-    stay untinted instead of looking "cold"; ``outline`` draws ``box`` (the box find-the-bird used).
+    stay untinted instead of looking "cold"; ``outline`` draws ``box`` (the box find-the-bird or a person chose).
     Returns RGB uint8 at the photo's size.
     """
     if not 0.0 <= opacity <= 1.0:
@@ -190,6 +190,7 @@ class Explanation:
     photo: Image.Image = field(repr=False)
     box: tuple[float, float, float, float]
     found: bool = False
+    boxed: bool = False  # ``box`` is the one the caller gave (drawn too)
 
     @property
     def verdict(self) -> str:
@@ -208,4 +209,4 @@ class Explanation:
 
     def overlay_with(self, opacity: float) -> np.ndarray:
         """The heatmap over the photo at ``opacity`` (0 = photo only, 1 = heatmap only)."""
-        return overlay(self.photo, self.heatmap, opacity, self.box, outline=self.found)
+        return overlay(self.photo, self.heatmap, opacity, self.box, outline=self.found or self.boxed)

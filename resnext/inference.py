@@ -36,12 +36,13 @@ class Answer(list):
         verdict: ``"species"``, ``"unsure"`` or ``"not_a_bird"`` (see :mod:`resnext.verdict`).
         bird: the locator's bird score in [0, 1] (``None`` for a model without a locator).
         box: the part of the photo classified, (left, top, right, bottom) in photo pixels; a
-            crop around the bird when find-the-bird made a second pass (``found`` is then True).
+            crop around the bird when find-the-bird made a second pass (``found`` is then True),
+            or inside the box the caller gave (``boxed`` is then True).
     """
 
-    def __init__(self, predictions, verdict: str, bird: float | None, box, found: bool):
+    def __init__(self, predictions, verdict: str, bird: float | None, box, found: bool, boxed: bool = False):
         super().__init__(predictions)
-        self.verdict, self.bird, self.box, self.found = verdict, bird, tuple(box), found
+        self.verdict, self.bird, self.box, self.found, self.boxed = verdict, bird, tuple(box), found, boxed
 
     def to_dict(self) -> dict:
         return {
@@ -49,6 +50,7 @@ class Answer(list):
             "bird": None if self.bird is None else round(self.bird, 4),
             "box": [round(v, 1) for v in self.box],
             "found_bird": self.found,
+            "boxed": self.boxed,
         }
 
 
@@ -195,23 +197,30 @@ class Classifier:
         area, frac = bird_box(cells, margin=self.rules.find_margin if margin is None else margin)
         return area, _sub_box(self.preprocessing.crop_box(*photo.size), frac)
 
-    def _answer(self, photos: list, k: int, find_bird: bool) -> list[tuple[Answer, tuple[Tensor, Tensor]]]:
+    def _answer(self, photos: list, k: int, find_bird: bool, box=None) -> list[tuple[Answer, tuple[Tensor, Tensor]]]:
         """Answers for decoded photos, each with the (features, logits) of the pass it trusts most
-        (the crop's when find-the-bird made one), for explanations."""
-        x = torch.stack([self.preprocessing(photo) for photo in photos])  # (B, 3, S, S)
+        (the crop's when find-the-bird made one), for explanations. ``box`` (one photo only): the
+        part of the photo to classify, chosen by a person; find-the-bird then stays off."""
+        if box is not None:
+            box = check_box(box, photos[0].size)
+            offset = self.preprocessing.crop_box(round(box[2] - box[0]), round(box[3] - box[1]))
+            views, seen_boxes = [photos[0].crop(box)], [_shift(offset, box)]
+        else:
+            views, seen_boxes = photos, [self.preprocessing.crop_box(*photo.size) for photo in photos]
+        x = torch.stack([self.preprocessing(view) for view in views])  # (B, 3, S, S)
         features = self.features(x)  # (B, C, S/32, S/32)
         logits = self.logits(features)
         probs = torch.softmax(logits.float(), dim=1).cpu()
         cells = self.locate(features)
         out = []
         for i, photo in enumerate(photos):
-            seen = self.preprocessing.crop_box(*photo.size)
-            p, box, found, chosen = probs[i], seen, False, (features[i : i + 1], logits[i : i + 1])
+            seen = seen_boxes[i]
+            p, box_used, found, chosen = probs[i], seen, False, (features[i : i + 1], logits[i : i + 1])
             bird = None if cells is None else float(cells[i].max())
-            if find_bird and cells is not None:
+            if find_bird and cells is not None and box is None:
                 area, crop_box = self.bird_crop(photo, cells[i])
                 if self.rules.looks_closer(bird, area):
-                    box = crop_box
+                    box_used = crop_box
                     crop_features = self.features(self.preprocessing(photo.crop(box)).unsqueeze(0))
                     crop_logits = self.logits(crop_features)
                     p = self.rules.mix(p, torch.softmax(crop_logits.float()[0], dim=0).cpu())
@@ -219,11 +228,12 @@ class Classifier:
             values, indices = p.topk(k)
             predictions = [Prediction(self.classes[j], j, v) for v, j in zip(values.tolist(), indices.tolist())]
             verdict = self.rules.verdict(predictions[0].prob, bird)
-            out.append((Answer(predictions, verdict, bird, box, found), chosen))
+            out.append((Answer(predictions, verdict, bird, box_used, found, boxed=box is not None), chosen))
         return out
 
     def explain(
-        self, image: ImageInput, target: int | str | None = None, method: str = "gradcam", k: int = 5, find_bird: bool = True
+        self, image: ImageInput, target: int | str | None = None, method: str = "gradcam", k: int = 5, find_bird: bool = True,
+        box: Sequence[float] | None = None,
     ) -> Explanation:
         """Grad-CAM of one class on conv5, with the top-k from the same forward pass.
 
@@ -232,16 +242,18 @@ class Classifier:
             target: class index or name to explain; ``None`` explains the top-1 class.
             method: a CAM method of :data:`resnext.explain.CAM_METHODS`.
             k: size of the top-k list returned with the explanation.
+            box: (left, top, right, bottom) in the upright photo's pixels: classify and explain
+                only that part (a box a person drew around the bird); it is drawn on the overlay.
 
         Raises:
-            ValueError: unknown target or method, or a bad ``k``.
+            ValueError: unknown target or method, a bad ``k`` or a box outside the photo.
             FileNotFoundError, ImageLoadError: the image cannot be read.
         """
-        return self.explain_classes(image, [target], method, k, find_bird=find_bird)[0]
+        return self.explain_classes(image, [target], method, k, find_bird=find_bird, box=box)[0]
 
     def explain_classes(
         self, image: ImageInput, targets: Sequence[int | str | None], method: str = "gradcam", k: int = 5, top: int = 0,
-        find_bird: bool = True,
+        find_bird: bool = True, box: Sequence[float] | None = None,
     ) -> list[Explanation]:
         """:meth:`explain` for several classes of one image, from one forward pass.
 
@@ -251,9 +263,9 @@ class Classifier:
         """
         k = self._check_k(k)
         photo = load_image(image)
-        answer, (features, _) = self._answer([photo], len(self.classes), find_bird)[0]
+        answer, (features, _) = self._answer([photo], len(self.classes), find_bird, box)[0]
         probs = {p.index: p.prob for p in answer}  # combined over both passes when there were two
-        predictions = Answer(answer[:k], answer.verdict, answer.bird, answer.box, answer.found)
+        predictions = Answer(answer[:k], answer.verdict, answer.bird, answer.box, answer.found, answer.boxed)
         indices = [predictions[0].index if t is None else self.class_index(t) for t in targets]
         indices += [p.index for p in answer[: min(top, len(self.classes))]] if top > 0 else []
         size = self.preprocessing.input_size
@@ -262,7 +274,7 @@ class Classifier:
         return [
             Explanation(
                 cam=cam, target=i, label=self.classes[i], prob=probs[i], predictions=predictions,
-                method=method.lower(), photo=photo, box=answer.box, found=answer.found,
+                method=method.lower(), photo=photo, box=answer.box, found=answer.found, boxed=answer.boxed,
             )
             for cam, i in zip(cams, indices)
         ]
@@ -285,6 +297,25 @@ class Classifier:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         return min(k, len(self.classes))
+
+
+def check_box(box, size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """``box`` as (left, top, right, bottom) floats, inside a photo of ``size`` (width, height)
+    and at least 8 px a side; otherwise ValueError naming it."""
+    try:
+        left, top, right, bottom = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise ValueError(f"box must be four numbers (left, top, right, bottom), got {box!r}") from None
+    width, height = size
+    left, top, right, bottom = max(0.0, left), max(0.0, top), min(float(width), right), min(float(height), bottom)
+    if right - left < 8 or bottom - top < 8:
+        raise ValueError(f"box {box!r} must cover at least 8x8 pixels of the {width}x{height} photo")
+    return float(round(left)), float(round(top)), float(round(right)), float(round(bottom))
+
+
+def _shift(inner: tuple[float, ...], outer: tuple[float, ...]) -> tuple[float, ...]:
+    """``inner`` (pixels of a crop) in the pixels of the photo that ``outer`` was cropped from."""
+    return (inner[0] + outer[0], inner[1] + outer[1], inner[2] + outer[0], inner[3] + outer[1])
 
 
 def _sub_box(outer: tuple[float, float, float, float], frac: tuple[float, float, float, float]) -> tuple[float, ...]:

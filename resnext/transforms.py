@@ -81,7 +81,7 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Ima
         image = ImageOps.exif_transpose(image)  # a rotated phone photo stands upright
         return to_rgb(image)
     except (OSError, ValueError, SyntaxError) as err:  # truncated or corrupt pixel data
-        raise ImageLoadError(f"{_describe(source)}: unreadable image data ({err})") from None
+        raise ImageLoadError(f"{_describe(source)}: the image data is damaged or cut short ({err})") from None
 
 
 def _open(fp, name: str, max_pixels: int) -> Image.Image:
@@ -95,10 +95,31 @@ def _open(fp, name: str, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError:
         raise ImageLoadError(f"{name}: image is too large (over {max_pixels:,} pixels)") from None
     except UnidentifiedImageError:
-        raise ImageLoadError(f"{name}: not an image file PIL can read") from None
+        raise ImageLoadError(f"{name}: {what_it_is(fp)}") from None
     except (OSError, ValueError, SyntaxError) as err:
-        raise ImageLoadError(f"{name}: unreadable image data ({err})") from None
+        raise ImageLoadError(f"{name}: the image data is damaged or cut short ({err})") from None
     return image
+
+
+def what_it_is(fp) -> str:
+    """Plain words for a file that is not an image any reader knows: empty, text, or other."""
+    try:
+        if isinstance(fp, io.BytesIO):
+            head = fp.getvalue()[:2048]
+        else:
+            with open(fp, "rb") as f:
+                head = f.read(2048)
+    except OSError:
+        head = b"?"
+    if not head:
+        return "the file is empty"
+    try:
+        text = head.decode("utf-8")
+        if all(c.isprintable() or c.isspace() for c in text):
+            return "this is text, not a photo"
+    except UnicodeDecodeError:
+        pass
+    return "not a photo in a format this app reads (JPEG, PNG, WebP, GIF, BMP or TIFF)"
 
 
 def _check_size(image: Image.Image, name: str, max_pixels: int) -> None:

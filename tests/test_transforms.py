@@ -126,7 +126,10 @@ def test_bad_files_are_refused_with_a_reason(tmp_path):
     text.write_text("not a picture")
     truncated = tmp_path / "cut.jpg"
     truncated.write_bytes(encoded(Image.new("RGB", (64, 64), (9, 90, 200)), "JPEG")[:300])
-    for path, reason in ((empty, "not an image"), (text, "not an image"), (truncated, "unreadable")):
+    binary = tmp_path / "data.jpg"
+    binary.write_bytes(b"\x00\x9f\x92\x96" * 50)
+    for path, reason in ((empty, "the file is empty"), (text, "this is text, not a photo"),
+                         (binary, "not a photo in a format"), (truncated, "damaged or cut short")):
         with pytest.raises(ImageLoadError, match=reason) as err:
             load_image(path)
         assert str(path) in str(err.value)
