@@ -167,6 +167,7 @@ def main() -> None:
     parser.add_argument("--raw", type=Path, help="phase 1's checkpoint (default: next to --out, .raw)")
     parser.add_argument("--init", default=CONFIG.init, help="start point (default: the installed default model)")
     parser.add_argument("--epochs", type=int, default=CONFIG.epochs)
+    parser.add_argument("--teacher-size", type=int, default=CONFIG.teacher_size)
     parser.add_argument("--skip-training", action="store_true", help="only calibrate --raw")
     parser.add_argument("--record-test", type=Path, metavar="DIR",
                         help="then evaluate on this test folder and record the result in the metadata")
@@ -190,7 +191,7 @@ def main() -> None:
     if not args.skip_training:
         with tempfile.TemporaryDirectory(prefix="recipe-") as tmp:
             config = TrainConfig(**{
-                **CONFIG.__dict__, "init": args.init, "epochs": args.epochs,
+                **CONFIG.__dict__, "init": args.init, "epochs": args.epochs, "teacher_size": args.teacher_size,
                 "teacher": str(args.shared / "weights" / "mobilenetv2_imagenet_features.pt"),
                 "unlabelled": (str(link_folder(splits["other_species_train"], Path(tmp) / "other-species")),),
                 "negatives": (str(link_folder(splits["nonbird_train"], Path(tmp) / "nonbird")),),
