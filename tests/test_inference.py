@@ -201,3 +201,19 @@ def test_explain_classes_appends_the_top_n(exact, photo):
     (top,) = exact.predict(photo, k=3)
     assert [e.target for e in many] == [2] + [p.index for p in top]
     assert len(exact.explain_classes(photo, [None], top=50)) == 1 + len(CLASSES)  # clamped
+
+
+def test_a_drawn_box_is_classified_alone_and_mapped_back(exact, photo):
+    box = (30, 12, 102, 84)  # (left, top, right, bottom) in the photo's pixels
+    boxed = exact.explain(photo, box=box)
+    alone = exact.explain(Image.fromarray(photo).crop(box))
+    assert [p.label for p in boxed.predictions] == [p.label for p in alone.predictions]
+    assert np.allclose([p.prob for p in boxed.predictions], [p.prob for p in alone.predictions], atol=1e-6)
+    assert boxed.boxed and boxed.predictions.boxed and not boxed.found
+    left, top, right, bottom = boxed.box  # the part the network saw: inside the drawn box
+    assert box[0] <= left < right <= box[2] and box[1] <= top < bottom <= box[3]
+    assert boxed.heatmap.shape == photo.shape[:2] and boxed.heatmap[:, : box[0]].max() == 0  # nothing outside
+    assert boxed.predictions.to_dict()["boxed"] is True
+    for bad in ((0, 0, 5, 5), (10, 10), "box", (200, 200, 300, 300)):
+        with pytest.raises(ValueError, match="box"):
+            exact.explain(photo, box=bad)
