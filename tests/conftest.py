@@ -97,21 +97,30 @@ def make_shapes(root: Path, classes: int = 3, per_class: int = 12, seed: int = 0
     return root
 
 
+OWNER = "0123456789abcdef0123456789abcdef"  # a visitor's token, as the app makes them
+
+
 @pytest.fixture()
-def registry(tiny_checkpoint, tmp_path, monkeypatch):
-    """The app's model registry on the tiny checkpoint, with a fresh work folder in
-    ``tmp_path/work`` (set as ``app.MODELS`` for the test)."""
-    import app
+def registry(tiny_checkpoint, tmp_path):
+    """The app's model registry on the tiny checkpoint, with a fresh work folder in ``tmp_path/work``."""
+    from ui.state import Models
 
     (tmp_path / "work" / "models").mkdir(parents=True)
-    monkeypatch.setattr(app, "MODELS", app.Models(tiny_checkpoint, "cpu", tmp_path / "work"))
-    return app.MODELS
+    return Models(tiny_checkpoint, "cpu", tmp_path / "work")
 
 
-def class_inputs(folder: Path, classes: list[str]) -> list:
+def class_inputs(folder: Path, classes: list[str]) -> tuple[list, list]:
     """The Fine-tune tab's class name boxes and photo uploads, filled from ``folder/<class>/*.png``."""
-    import app
+    from ui.training import MAX_CLASSES_UI
 
-    names = classes + [""] * (app.MAX_CLASSES_UI - len(classes))
+    names = classes + [""] * (MAX_CLASSES_UI - len(classes))
     files = [sorted(str(p) for p in (folder / c).glob("*.png")) for c in classes]
-    return names + files + [None] * (app.MAX_CLASSES_UI - len(classes))
+    return names, files + [None] * (MAX_CLASSES_UI - len(classes))
+
+
+def train_request(folder: Path, classes: list[str], **kwargs):
+    """A :class:`ui.training.TrainRequest` for the classes in ``folder``, by visitor :data:`OWNER`."""
+    from ui.training import TrainRequest
+
+    names, files = class_inputs(folder, classes)
+    return TrainRequest(**{"owner": OWNER, "names": names, "files": files, **kwargs})

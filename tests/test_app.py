@@ -1,3 +1,5 @@
+"""The UI's handlers without a browser: answers, batch table, model tab, training reports."""
+
 import os
 import time
 import zipfile
@@ -8,101 +10,144 @@ import numpy as np
 import pytest
 import torch
 
-import app
+import ui
 from resnext import display_name
 from resnext.verdict import VerdictRules
+from ui import answers
+from ui.card import model_card
+from ui.fixes import Unreadable, photo_input
+from ui.model_tab import upload_model
+from ui.state import SLOT, valid_owner
+from ui.training import check_data, confusion_figure, run_training, small_validation_warning
 
-from conftest import CLASSES, class_inputs, make_shapes
+from conftest import CLASSES, OWNER, class_inputs, make_shapes, train_request
 
 
 def test_classify_returns_label_overlay_top3_and_caption(registry, photo):
-    label, overlay, trio, caption, explanation = app.classify(registry.get(None), photo, 3)
+    label, overlay, trio, caption, explanation = answers.classify(registry.get(), photo, 3)
     assert len(label) == 3 and all(0 <= p <= 1 for p in label.values())
     assert set(label) <= {display_name(c) for c in CLASSES}  # readable names, not folder names
     assert overlay.shape == photo.shape and overlay.dtype == np.uint8
-    assert len(trio) == 3 and all(img.shape == photo.shape for img, _ in trio)
+    assert len(trio) == 3 and all(img.size == (photo.shape[1], photo.shape[0]) for img, _ in trio)
     assert [cap.split(" · ")[0] for _, cap in trio] == list(label)[:3]
     assert "Where the model looked" in caption and "CPU" in caption and " ms" in caption
-    assert np.array_equal(app.reblend(explanation, 0.0), photo)  # opacity 0: the photo itself
+    assert np.array_equal(answers.reblend(explanation, 0.0), photo)  # opacity 0: the photo itself
+
+
+def test_top3_tiles_are_small_copies(registry):
+    big = np.random.default_rng(0).integers(0, 255, (900, 1200, 3), dtype=np.uint8)
+    _, overlay, trio, _, _ = answers.classify(registry.get(), big, 3)
+    assert overlay.shape == big.shape
+    assert all(img.size == (answers.TOP3_SIDE, 360) for img, _ in trio)
 
 
 def test_without_top3_the_same_answer_and_no_gallery(registry, photo):
-    full = app.classify(registry.get(None), photo, 3)
-    lean = app.classify(registry.get(None), photo, 3, top3=False)
-    assert lean[0] == full[0] and np.array_equal(lean[1], full[1]) and lean[2] == []
+    full = answers.classify(registry.get(), photo, 3)
+    lean = answers.classify(registry.get(), photo, 3, top3=False)
+    assert lean.label == full.label and np.array_equal(lean.overlay, full.overlay) and lean.top3 == []
+
+
+def test_a_drawn_box_is_classified_alone_and_drawn(registry, photo):
+    classifier = registry.get()
+    boxed = answers.classify(classifier, photo, 3, box=(20, 10, 100, 80))
+    alone = answers.classify(classifier, photo[10:80, 20:100], 3)
+    assert boxed.label == alone.label  # the same answer as for the cut-out part
+    assert boxed.explanation.boxed and "inside the box you drew" in boxed.caption
+    assert boxed.overlay.shape == photo.shape
+    assert np.array_equal(boxed.overlay[5, 5], photo[5, 5])  # outside the box: the photo, untinted
+    with pytest.raises(gr.Error, match="at least 8x8"):
+        answers.classify(classifier, photo, 3, box=(0, 0, 4, 4))
 
 
 def test_unsure_predictions_say_so(registry, photo, monkeypatch):
-    classifier = registry.get(None)
+    classifier = registry.get()
     monkeypatch.setattr(classifier, "rules", VerdictRules(unsure_below=1.0))
-    assert "Not sure" in app.classify(classifier, photo, 3)[3]
+    assert "Not sure" in answers.classify(classifier, photo, 3).caption
     monkeypatch.setattr(classifier, "rules", VerdictRules(unsure_below=0.0))
-    assert "Not sure" not in app.classify(classifier, photo, 3)[3]
+    assert "Not sure" not in answers.classify(classifier, photo, 3).caption
 
 
 def test_not_a_bird_is_said_instead_of_a_species(registry, photo, monkeypatch):
-    classifier = registry.get(None)
+    classifier = registry.get()
     locator = torch.nn.Conv2d(classifier.model.num_features, 1, 1)
     torch.nn.init.zeros_(locator.weight)
     torch.nn.init.zeros_(locator.bias)  # a bird score of exactly 0.5 everywhere
     monkeypatch.setattr(classifier.model, "locator", locator)
     monkeypatch.setattr(classifier, "rules", VerdictRules(unsure_below=0.0, bird_below=0.99))
-    label, _, _, caption, explanation = app.classify(classifier, photo, 3)
+    label, _, _, caption, explanation = answers.classify(classifier, photo, 3)
     assert explanation.verdict == "not_a_bird" and label == "No bird found"
     assert "does not look like a bird photo" in caption
     monkeypatch.setattr(classifier, "rules", VerdictRules(unsure_below=0.0, bird_below=0.01))
-    label, _, _, caption, _ = app.classify(classifier, photo, 3)
+    label, _, _, caption, _ = answers.classify(classifier, photo, 3)
     assert isinstance(label, dict) and "bird photo" not in caption
 
 
 def test_explain_another_class_and_method(registry, photo):
-    _, _, _, caption, explanation = app.classify(registry.get(None), photo, 5, "Cactus Wren", "gradcam++")
-    assert explanation.label == "Cactus_Wren" and "Cactus Wren" in caption and "Grad-CAM++" in caption
+    shown = answers.classify(registry.get(), photo, 5, "Cactus Wren", "gradcam++")
+    assert shown.explanation.label == "Cactus_Wren" and "Cactus Wren" in shown.caption and "Grad-CAM++" in shown.caption
     with pytest.raises(gr.Error, match="unknown class"):
-        app.classify(registry.get(None), photo, 5, "Dodo")
+        answers.classify(registry.get(), photo, 5, "Dodo")
+
+
+def test_eigencam_caption_does_not_claim_a_class(registry, photo):
+    caption = answers.classify(registry.get(), photo, 5, "Cactus Wren", "eigencam").caption
+    assert "Eigen-CAM" in caption and "to decide" not in caption and "whichever class" in caption
 
 
 def test_big_photos_are_shrunk_for_display(registry):
     big = np.zeros((3000, 2000, 3), np.uint8)
-    overlay = app.classify(registry.get(None), big, 1)[1]
+    overlay = answers.classify(registry.get(), big, 1).overlay
     assert overlay.shape == (1280, 853, 3)
 
 
-def test_empty_and_bad_input_give_plain_messages(registry, tmp_path):
+@pytest.mark.parametrize("content, reason", [(b"", "the file is empty"), (b"my notes\n", "this is text, not a photo"),
+                                             (b"\x00\x01\x02garbage", "not a photo in a format this app reads")])
+def test_bad_files_are_named_in_plain_words(registry, tmp_path, content, reason):
     with pytest.raises(gr.Error, match="Add a photo"):
-        app.classify(registry.get(None), None)
+        answers.classify(registry.get(), None)
     bad = tmp_path / "bad.jpg"
-    bad.write_text("text")
-    with pytest.raises(gr.Error, match="Could not read that image: bad.jpg: not an image") as err:
-        app.classify(registry.get(None), str(bad))
-    assert str(tmp_path) not in err.value.message  # the server's folders stay private
+    bad.write_bytes(content)
+    with pytest.raises(gr.Error) as err:
+        answers.classify(registry.get(), str(bad))
+    assert err.value.message == f"That file cannot be used: {reason}."  # no folder, no library, no exception name
+
+
+def test_the_photo_input_hands_over_a_reason_not_an_exception(tmp_path):
+    from gradio.data_classes import FileData
+
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("just text")
+    component = photo_input()
+    assert component.preprocess(FileData(path=str(bad))) == Unreadable("this is text, not a photo")
 
 
 def test_classify_many_writes_a_csv_and_marks_bad_files(registry, photo_file, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG broken")
-    rows, csv_path = app.classify_many(registry.get(None), [str(photo_file), str(bad)])
+    rows, csv_path = answers.classify_many(registry.get(), [str(photo_file), str(bad)], registry.workdir / "exports")
     assert rows[0][0] == "bird.png" and rows[0][1] in ("species", "not sure") and rows[0][2] in {display_name(c) for c in CLASSES}
-    assert len(rows[0]) == len(rows[1]) == len(app.BATCH_HEADERS)
+    assert rows[0][3].endswith("%") and 0 <= int(rows[0][3][:-1]) <= 100  # percentages on the page
+    assert len(rows[0]) == len(rows[1]) == len(answers.BATCH_HEADERS)
     assert rows[1][0] == "broken.png" and rows[1][1].startswith("unreadable: ") and str(tmp_path) not in rows[1][1]
     assert Path(csv_path).parent == registry.workdir / "exports"
     text = Path(csv_path).read_text().splitlines()
-    assert text[0] == ",".join(app.BATCH_HEADERS) and len(text) == 3
+    assert text[0] == ",".join(answers.BATCH_HEADERS) and len(text) == 3
+    assert 0 <= float(text[1].split(",")[3]) <= 1  # probabilities as numbers in the CSV
 
 
 def test_exported_csvs_expire_after_an_hour(registry, photo_file):
     exports = registry.workdir / "exports"
     exports.mkdir()
     old, recent = exports / "predictions-old.csv", exports / "predictions-recent.csv"
-    for path, age in ((old, app.KEEP_FILES_S + 60), (recent, 60)):
+    for path, age in ((old, answers.KEEP_FILES_S + 60), (recent, 60)):
         path.write_text("file\n")
         os.utime(path, (time.time() - age,) * 2)
-    _, csv_path = app.classify_many(registry.get(None), [str(photo_file)])
+    _, csv_path = answers.classify_many(registry.get(), [str(photo_file)], exports)
     assert sorted(p.name for p in exports.iterdir()) == sorted([Path(csv_path).name, recent.name])
 
 
 def test_model_card_shows_the_stages(registry):
-    card = app.model_card(registry.get(None))
+    card = model_card(registry.get())
     for stage in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc"):
         assert f"| {stage} |" in card
     assert "4 x 2d = 8" in card  # conv2's grouped 3x3: cardinality 4, group depth 2
@@ -113,70 +158,98 @@ def test_upload_refuses_pickles_and_broken_files_and_keeps_the_model(registry, t
     pt = tmp_path / "model.pt"
     torch.save({"a": 1}, pt)
     with pytest.raises(gr.Error, match="Only .safetensors"):
-        app.upload_model(str(pt), registry.default)
+        upload_model(registry, OWNER, str(pt))
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
     with pytest.raises(gr.Error, match="not a usable model"):
-        app.upload_model(str(broken), registry.default)
-    assert registry.names() == [registry.default]
+        upload_model(registry, OWNER, str(broken))
+    assert registry.names(OWNER) == [registry.default]
+    assert list(registry.folder(OWNER).iterdir()) == []  # no half-kept file
 
 
-def test_upload_and_select_a_model(registry, tiny_checkpoint, tmp_path):
+def test_an_uploaded_model_is_its_owners_only(registry, tiny_checkpoint, tmp_path):
     copy = tmp_path / "other birds.safetensors"
     copy.write_bytes(tiny_checkpoint.read_bytes())
-    name, picker, *_ = app.upload_model(str(copy), registry.default)
-    assert name == "other birds" and name in registry.names() and picker["value"] == name
-    assert registry.get(name).classes == CLASSES
+    name = upload_model(registry, OWNER, str(copy))
+    assert name == "other birds" and registry.names(OWNER) == [registry.default, name]
+    assert registry.get(name, OWNER).classes == CLASSES
+    someone_else = "f" * 32
+    assert registry.names(someone_else) == registry.names() == [registry.default]
+    for owner in (someone_else, None, "../" + OWNER, OWNER.upper()):
+        with pytest.raises(gr.Error, match="Unknown model"):
+            registry.get(name, owner)
+
+
+def test_visitor_tokens_are_checked():
+    assert valid_owner(OWNER) == OWNER
+    for bad in (None, 3, "", "../x", OWNER + "0", OWNER[:-1] + "g", OWNER.upper()):
+        assert valid_owner(bad) is None
 
 
 def test_check_data_reports_or_refuses(registry, tmp_path):
     make_shapes(tmp_path / "d", classes=2, per_class=5)
     classes = sorted(p.name for p in (tmp_path / "d").iterdir())
-    report = app.check_data(None, *class_inputs(tmp_path / "d", classes))
-    assert "**2 classes**" in report
+    report = check_data(registry, None, *class_inputs(tmp_path / "d", classes))
+    assert "**2 classes**" in report and "Only 2 validation photos" in report
     with pytest.raises(gr.Error, match="at least two classes|at least 2"):
-        app.check_data(None, *class_inputs(tmp_path / "d", classes[:1]))
+        check_data(registry, None, *class_inputs(tmp_path / "d", classes[:1]))
     archive = tmp_path / "d.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("../evil.png", b"x")
     with pytest.raises(gr.Error, match="points outside"):
-        app.check_data(str(archive), *([""] * app.MAX_CLASSES_UI + [None] * app.MAX_CLASSES_UI))
+        check_data(registry, str(archive), [], [])
     assert list((registry.workdir / "jobs").iterdir()) == []  # job folders are removed
 
 
-def test_training_from_the_ui_registers_a_new_model(registry, tmp_path):
+def test_small_validation_sets_are_called_rough():
+    assert "Only 3 validation photos" in small_validation_warning({"a": 1, "b": 1, "c": 1})
+    assert "each one moves the accuracy by 33 points" in small_validation_warning({"a": 1, "b": 1, "c": 1})
+    assert "No validation photos" in small_validation_warning({"a": 0, "b": 0})
+    assert small_validation_warning({"a": 20, "b": 20}) == ""
+    assert "Only 44" in small_validation_warning({"a": 40, "b": 4})  # enough in all, too few in one
+
+
+def test_training_from_the_ui_registers_a_new_model_for_its_owner_only(registry, tmp_path):
     make_shapes(tmp_path / "d", classes=3, per_class=8)
     classes = sorted(p.name for p in (tmp_path / "d").iterdir())
-    updates = list(app.run_training(None, "quick", "current model", 10, None, "my shapes", registry.default, "s1",
-                                    *class_inputs(tmp_path / "d", classes), progress=lambda *a, **k: None))
-    status, report, history, per_class, figure, download, *_ = updates[-1]
-    assert "Saved as **my shapes**" in status
-    assert "my shapes" in registry.names()
-    assert registry.get("my shapes").classes == classes
-    assert len(per_class) == 3 and figure is not None
-    assert Path(download["value"]).is_file()
-    assert set(history["metric"]) >= {"training loss", "validation accuracy"}
+    views = list(run_training(registry, train_request(tmp_path / "d", classes, epochs=10, new_name="my shapes")))
+    final = views[-1]
+    assert "Saved as <b>my shapes</b>" in final.status and final.new_model == "my shapes"
+    assert "Only 3 validation photos" in final.status
+    assert registry.names(OWNER) == [registry.default, "my shapes"] and registry.names() == [registry.default]
+    assert registry.get("my shapes", OWNER).classes == classes
+    assert [row[0] for row in final.per_class] == [display_name(c) for c in classes]
+    assert all(row[1].endswith("(1 of 1)") or row[1].endswith("(0 of 1)") for row in final.per_class)
+    assert Path(final.model_file).is_file()
+    assert set(final.history["metric"]) >= {"training loss", "validation accuracy"}
+    assert all(v.history is None or len(v.history) > 0 for v in views)  # the plot is never sent an empty table
     assert list((registry.workdir / "jobs").iterdir()) == []
 
 
 def test_stop_ends_a_run_without_a_model(registry, tmp_path):
     make_shapes(tmp_path / "d", classes=2, per_class=6)
     classes = sorted(p.name for p in (tmp_path / "d").iterdir())
-    run = app.run_training(None, "full", "current model", 50, None, "stopped", registry.default, "s2",
-                           *class_inputs(tmp_path / "d", classes), progress=lambda *a, **k: None)
+    run = run_training(registry, train_request(tmp_path / "d", classes, mode="full", epochs=50, new_name="stopped"))
     next(run)
-    app.stop_training("s2")
+    SLOT.stop(OWNER)
     last = list(run)[-1]
-    assert last[0].startswith("Stopped")
-    assert "stopped" not in registry.names()
-    assert not list((registry.workdir / "models").glob("stopped*"))
+    assert "Stopped" in last.status and last.new_model is None
+    assert registry.names(OWNER) == [registry.default]
+    assert not list(registry.folder(OWNER).glob("stopped*"))
+
+
+def test_confusion_matrix_shows_full_names():
+    names = ["African_Crowned_Crane_Balearica_Regulorum", "Blue_Jay"]
+    figure = confusion_figure([[1, 0], [0, 1]], names)
+    labels = [t.get_text().replace("\n", " ") for t in figure.axes[0].get_xticklabels()]
+    assert labels == ["African Crowned Crane Balearica Regulorum", "Blue Jay"]
 
 
 def test_build_demo_without_launching(registry):
-    demo = app.build_demo(registry)
+    demo = ui.build_demo(registry)
     assert isinstance(demo, gr.Blocks)
     public = {d.get("api_name") for d in demo.config["dependencies"] if d.get("api_visibility", "public") == "public"}
-    assert {"classify", "classify_many", "fine_tune"} <= public
+    assert public == {"classify", "classify_many", "fine_tune"}
 
 
 def test_output_images_are_cached_once_never_rewritten_in_place(tmp_path):
@@ -184,10 +257,14 @@ def test_output_images_are_cached_once_never_rewritten_in_place(tmp_path):
     from gradio import processing_utils
     from PIL import Image
 
-    image = Image.new("RGB", (40, 30), (200, 10, 10))
-    first = Path(processing_utils.save_pil_to_cache(image, str(tmp_path)))
-    assert Image.open(first).size == (40, 30)
-    first.write_bytes(b"being downloaded")  # stands for the copy someone is reading right now
-    again = Path(processing_utils.save_pil_to_cache(image.copy(), str(tmp_path)))
-    assert again == first and first.read_bytes() == b"being downloaded"
-    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no staging file left
+    ui.install()
+    try:
+        image = Image.new("RGB", (40, 30), (200, 10, 10))
+        first = Path(processing_utils.save_pil_to_cache(image, str(tmp_path)))
+        assert Image.open(first).size == (40, 30)
+        first.write_bytes(b"being downloaded")  # stands for the copy someone is reading right now
+        again = Path(processing_utils.save_pil_to_cache(image.copy(), str(tmp_path)))
+        assert again == first and first.read_bytes() == b"being downloaded"
+        assert [p.name for p in first.parent.iterdir()] == [first.name]  # no staging file left
+    finally:
+        ui.fixes.uninstall()

@@ -20,11 +20,14 @@ import pytest
 
 import app
 from resnext import Preprocessing, display_name, load_checkpoint, save_checkpoint
+from ui.answers import classify
+from ui.context import Ctx
+from ui.state import SLOT, Models
+from ui.training import run_training
 
-from conftest import class_inputs, make_shapes, tiny_model
+from conftest import OWNER, make_shapes, tiny_model, train_request
 
 ROOT = Path(__file__).resolve().parents[1]
-NO_PROGRESS = {"progress": lambda *a, **k: None}
 
 
 def test_killed_training_leaves_nothing_in_the_model_list(tmp_path, tiny_checkpoint):
@@ -46,7 +49,7 @@ def test_killed_training_leaves_nothing_in_the_model_list(tmp_path, tiny_checkpo
         train.send_signal(signal.SIGKILL)
         train.wait(timeout=30)
     assert not out.exists()
-    assert app.Models(None, "cpu", work).names() == []
+    assert Models(None, "cpu", work).names() == []
 
 
 def test_a_write_killed_halfway_leaves_a_temp_file_that_is_never_listed_and_is_tidied(tmp_path, tiny_checkpoint):
@@ -71,85 +74,87 @@ def test_a_write_killed_halfway_leaves_a_temp_file_that_is_never_listed_and_is_t
     leftovers = list(previous.parent.glob(".*.tmp"))
     assert len(leftovers) == 1  # the half-written file never took the real name ...
     assert previous.read_bytes() == tiny_checkpoint.read_bytes()  # ... so the previous model is intact
-    assert app.Models(None, "cpu", work).names() == ["birds"]
+    assert Models(None, "cpu", work).names() == ["birds"]
     app.tidy_workdir(work)
     assert list(previous.parent.glob(".*.tmp")) == [] and previous.is_file()
 
 
 def test_a_full_disk_during_fine_tuning_is_a_plain_error_and_keeps_the_models(registry, tmp_path, monkeypatch):
     make_shapes(tmp_path / "d", classes=2, per_class=6)
-    before = {name: path.read_bytes() for name, path in registry.paths.items()}
+    before = {name: registry.path(name, OWNER).read_bytes() for name in registry.names(OWNER)}
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("resnext.checkpoint.save_file", full_disk)
-    run = app.run_training(None, "quick", "current model", 5, None, "doomed", registry.default, "s-disk",
-                           *class_inputs(tmp_path / "d", ["green square", "red disc"]), **NO_PROGRESS)
+    run = run_training(registry, train_request(tmp_path / "d", ["green square", "red disc"], epochs=5, new_name="doomed"))
     with pytest.raises(gr.Error, match="No space left on device"):
         list(run)
-    assert registry.names() == list(before) and "doomed" not in registry.names()
-    assert {name: path.read_bytes() for name, path in registry.paths.items()} == before
-    assert list((registry.workdir / "models").iterdir()) == []  # no temp file either
+    assert registry.names(OWNER) == list(before) and "doomed" not in registry.names(OWNER)
+    assert {name: registry.path(name, OWNER).read_bytes() for name in registry.names(OWNER)} == before
+    assert list(registry.folder(OWNER).iterdir()) == []  # no temp file either
     assert list((registry.workdir / "jobs").iterdir()) == []
-    assert not app.SLOT.lock.locked()  # the slot is free for the next run
+    assert not SLOT.lock.locked()  # the slot is free for the next run
 
 
 def test_two_trainers_get_one_run_and_one_busy_message(registry, tmp_path):
     make_shapes(tmp_path / "d", classes=2, per_class=6)
-    inputs = class_inputs(tmp_path / "d", ["green square", "red disc"])
-    first = app.run_training(None, "full", "current model", 300, None, "first", registry.default, "s-first",
-                             *inputs, **NO_PROGRESS)
-    assert next(first)[0] == "Starting…"  # holds the slot now
-    second = app.run_training(None, "quick", "current model", 5, None, "second", registry.default, "s-second",
-                              *inputs, **NO_PROGRESS)
-    assert next(second)[0].startswith("Busy: another training run is in progress")
-    assert app.SLOT.waiting == 1
-    updates = []
-    waiter = threading.Thread(target=lambda: updates.extend(second))
+    classes = ["green square", "red disc"]
+    other = "e" * 32  # a second visitor
+    first = run_training(registry, train_request(tmp_path / "d", classes, owner=other, mode="full", epochs=300,
+                                                 new_name="first"))
+    assert "Starting" in next(first).status  # holds the slot now
+    second = run_training(registry, train_request(tmp_path / "d", classes, epochs=5, new_name="second"))
+    assert "Busy: another training run is in progress" in next(second).status
+    assert SLOT.waiting == 1
+    views = []
+    waiter = threading.Thread(target=lambda: views.extend(second))
     waiter.start()
     time.sleep(1.0)
-    assert waiter.is_alive() and updates == []  # waiting, not training
-    app.stop_training("s-first")
-    assert list(first)[-1][0].startswith("Stopped")
+    assert waiter.is_alive() and views == []  # waiting, not training
+    SLOT.stop(other)
+    assert "Stopped" in list(first)[-1].status
     waiter.join(timeout=120)
     assert not waiter.is_alive()
-    assert "Saved as **second**" in updates[-1][0]
-    assert registry.names() == [registry.default, "second"] and app.SLOT.waiting == 0
+    assert views[-1].new_model == "second"
+    assert registry.names(OWNER) == [registry.default, "second"] and SLOT.waiting == 0
+    assert registry.names(other) == [registry.default]
 
 
 def test_a_waiting_trainer_that_leaves_frees_its_place(registry, tmp_path):
     make_shapes(tmp_path / "d", classes=2, per_class=6)
-    inputs = class_inputs(tmp_path / "d", ["green square", "red disc"])
-    app.SLOT.lock.acquire()  # somebody else's run
+    SLOT.lock.acquire()  # somebody else's run
     try:
-        waiting = app.run_training(None, "quick", "current model", 5, None, "gone", registry.default, "s-gone",
-                                   *inputs, **NO_PROGRESS)
-        assert next(waiting)[0].startswith("Busy")
+        waiting = run_training(registry, train_request(tmp_path / "d", ["green square", "red disc"], epochs=5,
+                                                       new_name="gone"))
+        assert "Busy" in next(waiting).status
         waiting.close()  # the visitor closed the page
-        assert app.SLOT.waiting == 0
+        assert SLOT.waiting == 0
     finally:
-        app.SLOT.lock.release()
+        SLOT.lock.release()
     assert list((registry.workdir / "jobs").iterdir()) == []
 
 
 def test_switching_models_under_load_answers_each_request_with_one_model(registry, tmp_path, photo):
     other_classes = ["Tufted Puffin", "Snowy Owl", "Mallard"]
-    other = save_checkpoint(tmp_path / "owls.safetensors", tiny_model(len(other_classes), seed=3), other_classes,
-                            Preprocessing(input_size=64, resize=72))
-    registry.add(other, "owls")
+    folder = registry.folder(OWNER)
+    folder.mkdir(parents=True)
+    save_checkpoint(folder / "owls.safetensors", tiny_model(len(other_classes), seed=3), other_classes,
+                    Preprocessing(input_size=64, resize=72))
     registry._cache_size = 1  # every switch evicts and reloads: the harshest case
-    expected = {name: {display_name(c) for c in load_checkpoint(path)[1].classes} for name, path in registry.paths.items()}
+    expected = {name: {display_name(c) for c in load_checkpoint(registry.path(name, OWNER))[1].classes}
+                for name in registry.names(OWNER)}
+    ctx = Ctx(registry)
 
     def request(i: int):
         name = ["owls", registry.default][i % 2]
-        label, overlay, trio, caption, explanation = app.classify(registry.get(name), photo, top_k=3)
+        label, overlay, trio, caption, explanation = classify(registry.get(name, OWNER), photo, top_k=3)
         return name, set(label), explanation.label
 
     def switcher(stop: threading.Event):
         while not stop.is_set():
-            for name in list(registry.names()):
-                app.select_model(name)
+            for name in registry.names(OWNER):
+                ctx.select(OWNER, name)
 
     stop = threading.Event()
     flipping = threading.Thread(target=switcher, args=(stop,))

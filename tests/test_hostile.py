@@ -36,7 +36,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import app
+from ui import answers
+from ui.training import check_data
 from resnext import ImageLoadError, load_classifier, load_image
 from resnext.__main__ import main as cli_main
 from resnext.data import DataError, load_dataset
@@ -98,9 +99,9 @@ class Case:
 
 CATALOGUE: dict[str, Case] = {
     # ---- must be refused
-    "zero bytes": Case("empty.jpg", b"", refused="not an image file"),
-    "text named .jpg": Case("notes.jpg", b"just some notes\n", refused="not an image file"),
-    "truncated JPEG": Case("cut.jpg", encoded(RGB, "JPEG", **JPEG)[:1500], refused="unreadable"),
+    "zero bytes": Case("empty.jpg", b"", refused="the file is empty"),
+    "text named .jpg": Case("notes.jpg", b"just some notes\n", refused="this is text, not a photo"),
+    "truncated JPEG": Case("cut.jpg", encoded(RGB, "JPEG", **JPEG)[:1500], refused="damaged or cut short"),
     "decompression bomb": Case("bomb.png", png_declaring(100_000, 100_000), refused="image is too large"),
     # ---- must be classified
     "plain PNG": Case("plain.png", encoded(RGB, "PNG")),
@@ -159,7 +160,7 @@ def assert_top3(probs: list[float]) -> None:
 
 def display_size(width: int, height: int) -> tuple[int, int]:
     """The size the app shows a photo at (its longer side at most MAX_PHOTO_SIDE)."""
-    scale = min(1.0, app.MAX_PHOTO_SIDE / max(width, height))
+    scale = min(1.0, answers.MAX_PHOTO_SIDE / max(width, height))
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
@@ -220,20 +221,20 @@ def test_app_classify(name, catalogue, registry):
     classifier = registry.get(None)
     if case.refused:
         with pytest.raises(gr.Error) as err:
-            app.classify(classifier, str(path), 3)
+            answers.classify(classifier, str(path), 3)
         message = err.value.message
-        assert message.startswith("Could not read that image")
+        assert message.startswith("That file cannot be used: ")
         assert "Traceback" not in message and "\n" not in message
         assert re.search(case.refused, message), message
     else:
-        label, overlay, trio, caption, _ = app.classify(classifier, str(path), 3)
+        label, overlay, trio, caption, _ = answers.classify(classifier, str(path), 3)
         assert len(label) == 3
         assert_top3(list(label.values()))
         assert overlay.dtype == np.uint8 and overlay.ndim == 3 and overlay.shape[2] == 3
         height, width = overlay.shape[:2]
         want_w, want_h = display_size(*case.upright)
         assert abs(width - want_w) <= 1 and abs(height - want_h) <= 1, (overlay.shape, case.upright)
-        assert len(trio) == 3 and all(img.shape == overlay.shape for img, _ in trio)
+        assert len(trio) == 3 and all(max(img.size) <= answers.TOP3_SIDE for img, _ in trio)
         assert "Where the model looked" in caption
 
 
@@ -265,13 +266,13 @@ def test_still_serving_after_the_whole_catalogue(door, catalogue, classifier, re
         assert [p["prob"] for p in last["predictions"]] == pytest.approx([prob for _, prob in expected], abs=1e-6)
     else:
         app_classifier = registry.get(None)
-        before = app.classify(app_classifier, str(photo_file), 3)
+        before = answers.classify(app_classifier, str(photo_file), 3)
         for name in NAMES:
             try:
-                app.classify(app_classifier, str(catalogue[name]), 3)
+                answers.classify(app_classifier, str(catalogue[name]), 3)
             except gr.Error:
                 assert name in REFUSED
-        after = app.classify(app_classifier, str(photo_file), 3)
+        after = answers.classify(app_classifier, str(photo_file), 3)
         assert after[0] == before[0] and np.array_equal(after[1], before[1])
         assert [label for label, _ in expected] == [p.label for p in after[4].predictions]
 
@@ -416,7 +417,7 @@ def _check_latin1(report: dict) -> None:
 
 def _check_many(report: dict) -> None:
     assert len(report["skipped"]) == 9_994
-    assert report["skipped"][0] == {"file": "A/junk00000.png", "reason": "unreadable (not an image file PIL can read)"}
+    assert report["skipped"][0] == {"file": "A/junk00000.png", "reason": "unreadable (this is text, not a photo)"}
     assert sum(report["train_counts"].values()) + sum(report["val_counts"].values()) == 6
 
 
@@ -523,17 +524,16 @@ def test_load_dataset_refuses_or_cleans(name, sandbox):
 def test_app_check_data_refuses_or_reports(name, sandbox, registry):
     upload = UPLOADS[name]
     archive = _build_upload(name, sandbox)
-    no_classes = [""] * app.MAX_CLASSES_UI + [None] * app.MAX_CLASSES_UI
     sandbox.snapshot()
     start = time.process_time()  # CPU seconds: a busy machine does not make it fail
     if upload.refused:
         with pytest.raises(gr.Error) as err:
-            app.check_data(str(archive), *no_classes)
+            check_data(registry, str(archive), [], [])
         message = err.value.message
         assert message.startswith(archive.name + ": ") and "Traceback" not in message
         assert re.search(upload.refused, message), message
     else:
-        report = app.check_data(str(archive), *no_classes)
+        report = check_data(registry, str(archive), [], [])
         assert re.search(upload.markdown, report, re.S), report
     assert time.process_time() - start < 10  # 10,000 files included
     jobs = registry.workdir / "jobs"

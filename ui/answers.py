@@ -1,0 +1,176 @@
+"""What the Classify tab and ``/classify`` answer: top-k, verdict, heatmaps and captions, and the
+batch table. Plain functions of a classifier and an input; no widgets here."""
+
+from __future__ import annotations
+
+import csv
+import time
+import uuid
+from pathlib import Path
+from typing import NamedTuple
+
+import gradio as gr
+from PIL import Image
+
+from resnext import Classifier, ImageLoadError, display_name, load_image
+
+from .fixes import Unreadable, plain_reason
+
+MAX_PHOTO_SIDE = 1280  # photos are shrunk to this for display and heatmaps (the network sees less)
+TOP3_SIDE = 480  # the top-3 tiles are small: no need to send 1280 px copies
+KEEP_FILES_S = 3600  # CSVs and images served to a visitor are deleted after an hour
+TOP1 = "Top-1 prediction"
+METHOD_NAMES = {
+    "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM", "layercam": "LayerCAM",
+    "hirescam": "HiResCAM", "eigencam": "Eigen-CAM", "finercam": "Finer-CAM (contrast with look-alikes)",
+}
+CLASS_FREE = {"eigencam"}  # maps that do not depend on the class asked about
+BATCH_HEADERS = ["file", "verdict", "1st", "p1", "2nd", "p2", "3rd", "p3"]
+VERDICT_WORDS = {"species": "species", "unsure": "not sure", "not_a_bird": "not a bird"}
+
+try:  # Hugging Face ZeroGPU: GPU-bound functions must be wrapped; elsewhere a no-op
+    import spaces
+
+    gpu = spaces.GPU
+except ImportError:
+
+    def gpu(fn):
+        return fn
+
+
+@gpu
+def gpu_explain(classifier: Classifier, photo, target, method, k, box=None):
+    """The chosen class's map and the top-3's, from one forward pass (the GPU-bound part)."""
+    return classifier.explain_classes(photo, [target], method, k, top=3, box=box)
+
+
+class Shown(NamedTuple):
+    """One answer as the page shows it."""
+
+    label: dict | str  # {species: probability}, or a phrase when there is no bird
+    overlay: object  # the heatmap over the photo (RGB array)
+    top3: list  # [(overlay, caption)] * 3, or [] when not drawn
+    caption: str  # markdown under the answer
+    explanation: object  # kept so the opacity slider can re-blend without a network pass
+
+
+def open_photo(image) -> tuple[Image.Image, float]:
+    """Whatever the photo input hands over -> (an upright RGB photo of at most MAX_PHOTO_SIDE
+    pixels, the scale from the uploaded photo's pixels to it)."""
+    if image is None:
+        raise gr.Error("Add a photo first: upload one, paste it, or use the webcam.")
+    if isinstance(image, Unreadable):
+        raise gr.Error(f"That file cannot be used: {image.reason}.")
+    try:
+        photo = load_image(image)
+    except (ImageLoadError, FileNotFoundError) as err:
+        raise gr.Error(f"That file cannot be used: {plain_reason(err)}.") from None
+    side = max(photo.size)
+    photo = photo.copy()
+    photo.thumbnail((MAX_PHOTO_SIDE, MAX_PHOTO_SIDE), Image.Resampling.BILINEAR)
+    return photo, max(photo.size) / side
+
+
+def classify(classifier: Classifier, image, top_k: int = 5, target: str | None = None, method: str = "gradcam",
+             opacity: float = 0.5, top3: bool = True, box=None) -> Shown:
+    """Top-k, the conv5 heatmap over the photo, the top-3 heatmaps and a caption. ``box``:
+    (left, top, right, bottom) in the uploaded photo's pixels, to look only there.
+    ``top3=False`` leaves the top-3 overlays undrawn, for callers that drop them."""
+    photo, scale = open_photo(image)
+    k = max(1, min(int(top_k), len(classifier.classes)))
+    chosen = None if target in (None, "", TOP1) else target
+    start = time.perf_counter()
+    try:
+        explanations = gpu_explain(classifier, photo, chosen, method, k, None if box is None else [v * scale for v in box])
+    except ValueError as err:  # unknown class or method, a box too small
+        raise gr.Error(str(err)) from None
+    elapsed = (time.perf_counter() - start) * 1000
+    main, trio = explanations[0], explanations[1:]
+    label = {display_name(p.label): p.prob for p in main.predictions}
+    if main.verdict == "not_a_bird":
+        label = "No bird found"
+    gallery = [(_small(e.overlay_with(opacity)), f"{display_name(e.label)} · {e.prob:.0%}") for e in trio] if top3 else []
+    lines = caption_lines(classifier, main)
+    lines.append(f"<span class='small-print'>{elapsed:.0f} ms · {classifier.device.type.upper()} · "
+                 f"{classifier.fast_path}</span>")
+    return Shown(label, main.overlay_with(opacity), gallery, "\n\n".join(lines), main)
+
+
+def caption_lines(classifier: Classifier, main) -> list[str]:
+    """The verdict in words, which box was used, and what the heatmap shows."""
+    lines = [verdict_message(classifier, main.predictions)] if main.verdict != "species" else []
+    if main.boxed:
+        lines.append("I looked only inside the box you drew (green).")
+    elif main.found:
+        lines.append("The bird looked small, so I also looked closer at the boxed part of the photo (the green box).")
+    method = METHOD_NAMES.get(main.method, main.method)
+    if main.method in CLASS_FREE:
+        lines.append(f"What the network's conv5 features respond to most strongly ({method}: the same map "
+                     "whichever class you pick).")
+    else:
+        lines.append(f"Where the model looked to decide **{display_name(main.label)}** ({main.prob:.0%}), "
+                     f"{method} on conv5.")
+    return lines
+
+
+def verdict_message(classifier: Classifier, answer) -> str:
+    """A plain sentence for an answer that is not a confident species."""
+    best = answer[0]
+    if answer.verdict == "not_a_bird":
+        return ("<div class='unsure'>🚫 <b>This does not look like a bird photo.</b> If there is a bird, try a "
+                f"photo where it is larger (my closest guess, {display_name(best.label)} at {best.prob:.0%}, "
+                "would not mean much).</div>\n")
+    return (f"<div class='unsure'>⚠️ <b>Not sure</b> — my best guess is {display_name(best.label)} at only "
+            f"{best.prob:.0%}. This may not be one of the {len(classifier.classes)} species I know.</div>\n")
+
+
+def _small(rgb):
+    image = Image.fromarray(rgb)
+    image.thumbnail((TOP3_SIDE, TOP3_SIDE), Image.Resampling.LANCZOS)
+    return image
+
+
+def reblend(explanation, opacity: float):
+    """The opacity slider: blend the kept heatmap again, no network pass."""
+    if explanation is None:
+        return gr.skip()
+    return explanation.overlay_with(float(opacity))
+
+
+def classify_many(classifier: Classifier, files, exports: Path) -> tuple[list[list], str]:
+    """Several photos at once: one row per photo with its top-3 (percentages), and a CSV of the
+    same (probabilities as numbers) under ``exports``."""
+    if not files:
+        raise gr.Error("Add one or more photos first.")
+    rows, problems = [], 0
+    for file in files:
+        path = Path(file if isinstance(file, str) else file.name)
+        try:
+            (top,) = classifier.predict(load_image(path), k=3)
+        except (ImageLoadError, FileNotFoundError) as err:
+            problems += 1
+            rows.append([path.name, f"unreadable: {plain_reason(err)}"] + [""] * (len(BATCH_HEADERS) - 2))
+            continue
+        row = [path.name, VERDICT_WORDS[top.verdict]]
+        for p in top + [None] * (3 - len(top)):
+            row += [display_name(p.label), round(p.prob, 4)] if p else ["", ""]
+        rows.append(row)
+    if problems:
+        gr.Warning(f"{problems} file(s) could not be read; they are marked in the table.")
+    out = export_path(exports, "predictions", ".csv")
+    with out.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(BATCH_HEADERS)
+        writer.writerows(rows)
+    return [[f"{v:.0%}" if isinstance(v, float) else v for v in row] for row in rows], str(out)
+
+
+def export_path(folder: Path, stem: str, suffix: str) -> Path:
+    """A fresh file name under ``folder``, whose files older than :data:`KEEP_FILES_S` are
+    removed on the way (Gradio serves its own copy of each)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cutoff = time.time() - KEEP_FILES_S
+    for old in folder.iterdir():
+        if old.stat().st_mtime < cutoff:
+            old.unlink(missing_ok=True)
+    return folder / f"{stem}-{uuid.uuid4().hex[:8]}{suffix}"

@@ -1,0 +1,51 @@
+"""The Model tab's card: the architecture stage by stage, where the model comes from, its classes."""
+
+from __future__ import annotations
+
+from resnext import Classifier, display_name
+
+def model_card(classifier: Classifier) -> str:
+    """Markdown: the architecture stage by stage, the classes, where the model comes from."""
+    from resnext.summary import stage_table
+
+    info = classifier.info
+    arch = info.architecture
+    size = classifier.preprocessing.input_size
+    rows = stage_table(classifier.model, size)
+    lines = [
+        f"### ResNeXt, layers {arch['layers']}, cardinality {arch['cardinality']}, group depth {arch['group_depth']}",
+        f"{len(classifier.classes)} classes · input {size} px (resize {classifier.preprocessing.resize}, "
+        f"centre crop) · runs on {classifier.device.type.upper()} ({classifier.fast_path})",
+        "",
+        "| stage | output | channels | blocks | grouped 3x3 (cardinality x width) | parameters | MACs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        grouped = f"{r['cardinality']} x {r['width'] // r['cardinality']}d = {r['width']}" if r["cardinality"] else ""
+        lines.append(f"| {r['stage']} | {r['output']} | {r['channels']} | {r['blocks'] or ''} | {grouped} | "
+                     f"{r['params']:,} | {_si(r['macs'])} |")
+    total_p, total_m = sum(r["params"] for r in rows), sum(r["macs"] for r in rows)
+    lines.append(f"| **total** | | | | | **{total_p:,}** | **{_si(total_m)}** |")
+    lines.append("\n`conv1` is the 7x7/2 stem with its 3x3/2 max-pool; Grad-CAM maps come from `conv5`'s output.")
+    prov = info.provenance
+    if prov:
+        metrics = prov.get("metrics") or {}
+        facts = [f"{k}: {v}" for k, v in (("mode", prov.get("mode")), ("start", prov.get("init")),
+                                           ("epochs", prov.get("epochs")), ("date", prov.get("date"))) if v]
+        if metrics.get("val_acc") is not None:
+            facts.append(f"validation accuracy: {metrics['val_acc']:.1%}")
+        if metrics.get("test_top1") is not None:
+            facts.append(f"test top-1 / top-5: {metrics['test_top1']:.1%} / {metrics.get('test_top5', 0):.1%}")
+        lines += ["", "**Provenance** — " + " · ".join(facts)]
+    names = ", ".join(display_name(c) for c in classifier.classes[:100])
+    more = f" … and {len(classifier.classes) - 100} more" if len(classifier.classes) > 100 else ""
+    lines += ["", f"**Classes** — {names}{more}"]
+    return "\n".join(lines)
+
+
+def _si(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}" if unit == "G" else f"{n / size:,.0f} {unit}"
+    return f"{n:.0f}"
+

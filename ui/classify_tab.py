@@ -1,0 +1,158 @@
+"""The Classify tab: a photo in, the answer right under it (top-k, verdict, heatmap), the top-3
+side by side, an optional box drawn by the visitor, settings, examples and several photos at
+once. Widgets, their handlers and their events live here together."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from resnext import display_name
+
+from .answers import BATCH_HEADERS, METHOD_NAMES, TOP1, classify, reblend
+from .context import Ctx, example_species, examples, knows_examples
+from .fixes import Unreadable, photo_input
+
+PRIVATE = {"api_visibility": "private"}
+BOX_HINT = "Bird small in the photo? **Click two opposite corners of it** on the photo to look only there."
+SCROLL_TO_ANSWER = """() => { if (window.innerWidth < 700) {
+  document.getElementById('prediction')?.scrollIntoView({behavior: 'smooth', block: 'nearest'}); } }"""
+
+
+@dataclass
+class ClassifyTab:
+    photo: gr.Image
+    top3_row: gr.Row
+    top3_captions: list
+    label: gr.Label
+    overlay: gr.Image
+    caption: gr.Markdown
+    opacity: gr.Slider
+    top3: list
+    box: gr.State
+    box_hint: gr.Markdown
+    clear_box: gr.Button
+    explanation: gr.State
+    method: gr.Dropdown
+    many: gr.File
+    table: gr.Dataframe
+    csv_file: gr.File
+    button: gr.Button
+    many_button: gr.Button
+    model: gr.Dropdown
+
+    def cleared(self) -> dict:
+        return {self.label: None, self.overlay: None, self.caption: "", self.explanation: None,
+                self.top3_row: gr.Row(visible=False)}
+
+
+def build(ctx: Ctx) -> ClassifyTab:
+    registry = ctx.registry
+    first = registry.get(registry.default)
+    n = len(first.classes)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1, min_width=300):
+            photo = photo_input(label="Photo", sources=["upload", "webcam", "clipboard"], height=400, elem_id="photo")
+            box_hint = gr.Markdown(BOX_HINT, elem_id="box-hint", elem_classes="small-print")
+            with gr.Row():
+                button = gr.Button("Classify", variant="primary", elem_id="classify", min_width=120)
+                clear_box = gr.Button("Use the whole photo", size="sm", visible=False, elem_id="clear-box", min_width=120)
+        with gr.Column(scale=1, min_width=300, elem_id="answer"):
+            label = gr.Label(label="Prediction", show_heading=True, elem_id="prediction")
+            caption = gr.Markdown(elem_id="caption")
+            overlay = gr.Image(label="Where the model looked (conv5)", type="numpy", interactive=False, height=400,
+                               elem_id="overlay", buttons=["download", "fullscreen"])
+            opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="Heatmap opacity", elem_id="opacity")
+    with gr.Row(elem_id="top3", visible=False) as top3_row:
+        top3, top3_captions = [], []
+        for i in range(3):
+            with gr.Column(min_width=80, elem_classes="top3-tile"):
+                top3.append(gr.Image(type="pil", interactive=False, height=160, elem_id=f"top3-{i}", buttons=[],
+                                     show_label=False))
+                top3_captions.append(gr.Markdown(elem_classes="tile-caption"))
+    with gr.Row():
+        classify_model = gr.Dropdown(registry.names(), value=registry.default, label="Model", min_width=260,
+                                     elem_id="classify-model")
+        top_k = gr.Slider(1, min(10, n), value=min(5, n), step=1, label="Top-k", min_width=200, elem_id="top-k")
+    with gr.Accordion("Explanation options", open=False):
+        target = gr.Dropdown([TOP1] + sorted(display_name(c) for c in first.classes), value=TOP1,
+                             label="Explain which class", filterable=True, elem_id="target")
+        method = gr.Dropdown([(v, k) for k, v in METHOD_NAMES.items()], value="gradcam", label="CAM method",
+                             elem_id="method")
+    with gr.Column(visible=knows_examples(first.classes), elem_id="examples") as example_box:
+        if examples():
+            gr.Examples(examples(), inputs=photo, label="Example photos (click one)",
+                        example_labels=[example_species(p).title() for p in examples()])
+    with gr.Accordion("Several photos at once", open=False):
+        many = gr.File(file_count="multiple", file_types=["image"], label="Photos", elem_id="many")
+        many_button = gr.Button("Classify all", elem_id="classify-all")
+        table = gr.Dataframe(headers=BATCH_HEADERS, interactive=False, wrap=True, elem_id="batch-table",
+                             column_widths=["30%", "14%", "16%", "7%", "16%", "7%", "16%", "7%"])
+        csv_file = gr.File(label="Download as CSV", interactive=False)
+    ctx.pickers.append(classify_model)
+    ctx.target, ctx.top_k, ctx.example_box = target, top_k, example_box
+    tab = ClassifyTab(photo, top3_row, top3_captions, label, overlay, caption, opacity, top3, gr.State(None), box_hint, clear_box, gr.State(None),
+                      method, many, table, csv_file, button, many_button, classify_model)
+    return tab
+
+
+def answer(ctx: Ctx, tab: ClassifyTab, name, owner, image, k, target, method, opacity, box) -> dict:
+    """The answer for the inputs as they are now; an empty photo clears it, a file that is not a
+    photo is named in a warning and removed."""
+    if image is None:
+        return tab.cleared()
+    if isinstance(image, Unreadable):
+        gr.Warning(f"That file cannot be used: {image.reason}.")
+        return {**tab.cleared(), tab.photo: None, tab.box: None}
+    shown = classify(ctx.registry.get(name, owner), image, k, target, method, opacity, box=box)
+    return {tab.label: shown.label, tab.overlay: shown.overlay, tab.caption: shown.caption,
+            tab.explanation: shown.explanation, tab.top3_row: gr.Row(visible=True),
+            **{tile: img for tile, (img, _) in zip(tab.top3, shown.top3)},
+            **{cap: text for cap, (_, text) in zip(tab.top3_captions, shown.top3)}}
+
+
+def corner(box, x: float, y: float) -> tuple[dict | None, str]:
+    """A click on the photo: the first corner of a box, or the second, which completes it."""
+    if isinstance(box, dict) and "first" in box:
+        x0, y0 = box["first"]
+        return {"box": [min(x0, x), min(y0, y), max(x0, x), max(y0, y)]}, "Looking inside your box (green). "
+    return {"first": [x, y]}, "First corner set: **now click the opposite corner of the bird.**"
+
+
+def wire(ctx: Ctx, tab: ClassifyTab) -> None:
+    """The tab's events; after every tab is built (a model change updates other tabs too)."""
+    inputs = [ctx.model_name, ctx.session, tab.photo, ctx.top_k, ctx.target, tab.method, tab.opacity, tab.box]
+    outputs = [tab.label, tab.overlay, tab.caption, tab.explanation, tab.photo, tab.box, tab.top3_row, *tab.top3,
+               *tab.top3_captions]
+
+    def run(name, owner, image, k, target, method, opacity, box):
+        drawn = box.get("box") if isinstance(box, dict) else None
+        return answer(ctx, tab, name, owner, image, k, target, method, opacity, drawn)
+
+    def new_photo(*values):
+        return {**run(*values[:-1], None), tab.box: None, tab.box_hint: BOX_HINT, tab.clear_box: gr.Button(visible=False)}
+
+    def clicked(name, owner, image, k, target, method, opacity, box, evt: gr.SelectData):
+        box, hint = corner(box, *evt.index[:2])
+        updates = {tab.box: box, tab.box_hint: hint, tab.clear_box: gr.Button(visible=True)}
+        if "box" not in box:
+            return updates
+        return {**updates, **run(name, owner, image, k, target, method, opacity, box)}
+
+    def whole(*values):
+        return {**run(*values[:-1], None), tab.box: None, tab.box_hint: BOX_HINT, tab.clear_box: gr.Button(visible=False)}
+
+    more = outputs + [tab.box_hint, tab.clear_box]
+    on_answer = {**PRIVATE, "show_progress_on": [tab.label, tab.overlay]}  # never over the photo being clicked
+    tab.button.click(run, inputs, outputs, **on_answer)
+    tab.photo.change(new_photo, inputs, more, **on_answer).then(None, js=SCROLL_TO_ANSWER)  # upload, paste, example
+    tab.photo.select(clicked, inputs, more, **on_answer)
+    tab.clear_box.click(whole, inputs, more, **on_answer)
+    for control in (ctx.target, tab.method):
+        control.input(run, inputs, outputs, **on_answer)
+    ctx.top_k.release(run, inputs, outputs, **on_answer)
+    tab.opacity.release(reblend, [tab.explanation, tab.opacity], tab.overlay, **PRIVATE)
+    tab.model.input(ctx.select, [ctx.session, tab.model], ctx.selection_outputs(), **PRIVATE).then(
+        run, inputs, outputs, **on_answer)
+    ctx.reanswer = (run, inputs, outputs)  # what a model change elsewhere (Model tab, training) runs next

@@ -1,0 +1,78 @@
+"""What the tabs share: the model registry, the per-session components (who the visitor is,
+which model they use) and the one function that switches a session's model everywhere."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+
+from resnext import display_name
+
+from .answers import TOP1
+from .card import model_card
+from .state import Models, new_owner, valid_owner
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "assets"
+
+
+def examples() -> list[str]:
+    return sorted(str(p) for p in ASSETS.glob("*.jpg")) if ASSETS.is_dir() else []
+
+
+def example_species(path: str) -> str:
+    """``assets/blue_jay.jpg`` -> ``blue jay``: the species an example photo shows."""
+    return Path(path).stem.replace("_", " ").lower()
+
+
+def knows_examples(classes: list[str]) -> bool:
+    """Whether a model knows the example photos' species (a bird model), so they make sense."""
+    known = {display_name(c).replace("-", " ").lower() for c in classes}
+    return any(example_species(p).replace("-", " ") in known for p in examples())
+
+
+@dataclass
+class Ctx:
+    """The registry and the components more than one tab reads or writes."""
+
+    registry: Models
+    session: gr.State = None  # the visitor's owner token
+    remembered: gr.BrowserState = None  # {"owner", "model"} kept in the visitor's browser
+    model_name: gr.State = None  # the session's model
+    pickers: list = field(default_factory=list)  # the model dropdowns (Classify, Model)
+    card: gr.Markdown = None
+    target: gr.Dropdown = None
+    top_k: gr.Slider = None
+    example_box: gr.Column = None
+    reanswer: tuple = None  # (fn, inputs, outputs): the Classify tab's answer, re-run after a model change
+
+    def selection_outputs(self) -> list:
+        return [self.session, self.remembered, self.model_name, *self.pickers, self.card, self.target, self.top_k,
+                self.example_box]
+
+    def select(self, owner: str | None, name: str | None) -> dict:
+        """Everything that follows from the session using model ``name``."""
+        owner = valid_owner(owner) or new_owner()
+        names = self.registry.names(owner)
+        name = name if name in names else self.registry.default
+        classifier = self.registry.get(name, owner)
+        classes = [TOP1] + sorted(display_name(c) for c in classifier.classes)
+        n = len(classifier.classes)
+        updates = {
+            self.session: owner,
+            self.remembered: {"owner": owner, "model": name},
+            self.model_name: name,
+            self.card: model_card(classifier),
+            self.target: gr.Dropdown(choices=classes, value=TOP1),
+            self.top_k: gr.Slider(maximum=min(10, n), value=min(5, n)),
+            self.example_box: gr.Column(visible=knows_examples(classifier.classes)),
+        }
+        updates.update({picker: gr.Dropdown(choices=names, value=name) for picker in self.pickers})
+        return updates
+
+    def restore(self, remembered) -> dict:
+        """Page load: the visitor's token and model from their browser, or a new token."""
+        remembered = remembered if isinstance(remembered, dict) else {}
+        return self.select(remembered.get("owner"), remembered.get("model"))

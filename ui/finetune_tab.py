@@ -1,0 +1,141 @@
+"""The Fine-tune tab: a zip or named classes of photos, the settings, one progress display, the
+run's plot and honest report, and the new model, which becomes the visitor's own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from .context import Ctx
+from .state import SLOT
+from .training import MAX_CLASSES_UI, TrainRequest, check_data, run_training, status_html
+
+PRIVATE = {"api_visibility": "private"}
+LINE_COLOURS = {"training loss": "#2563eb", "training accuracy": "#f59e0b", "validation accuracy": "#059669"}
+INTRO = ("Teach the model your own classes. Upload a **zip** with one folder per class, or name classes below and "
+         "add photos to each. *Quick* mode trains a new head on frozen features (seconds to a minute on a CPU); "
+         "*full* mode fine-tunes the network. The new model is yours: nobody else can see or use it.")
+
+
+@dataclass
+class FineTuneTab:
+    zip_file: gr.File
+    names: list
+    uploads: list
+    groups: list
+    visible_classes: gr.State
+    add_class: gr.Button
+    remove_class: gr.Button
+    mode: gr.Radio
+    start: gr.Radio
+    epochs: gr.Number
+    image_size: gr.Number
+    new_name: gr.Textbox
+    check: gr.Button
+    train: gr.Button
+    stop: gr.Button
+    status: gr.HTML
+    report: gr.Markdown
+    plot: gr.LinePlot
+    per_class: gr.Dataframe
+    confusion: gr.Plot
+    download: gr.DownloadButton
+
+
+def build(ctx: Ctx) -> FineTuneTab:
+    gr.Markdown(INTRO)
+    with gr.Row():
+        with gr.Column(min_width=300):
+            zip_file = gr.File(file_types=[".zip"], label="Zip of class folders (optional)", elem_id="zip-upload")
+            names, uploads, groups = [], [], []
+            for i in range(MAX_CLASSES_UI):
+                with gr.Group(visible=i < 2) as group:
+                    names.append(gr.Textbox(label=f"Class {i + 1} name", placeholder="e.g. Robin", elem_id=f"class-{i}"))
+                    uploads.append(gr.File(file_count="multiple", file_types=["image"], label="Photos", height=120,
+                                           elem_id=f"class-{i}-photos"))
+                groups.append(group)
+            with gr.Row():
+                add_class = gr.Button("+ Add class", size="sm")
+                remove_class = gr.Button("− Remove class", size="sm")
+        with gr.Column(min_width=300):
+            mode = gr.Radio(["quick", "full"], value="quick", label="Mode")
+            start = gr.Radio(["current model", "ImageNet", "scratch"], value="current model", label="Start from")
+            with gr.Row():
+                epochs = gr.Number(value=0, label="Epochs (0 = automatic: 60 quick, 10 full)", precision=0, minimum=0,
+                                   maximum=300, min_width=140)
+                image_size = gr.Number(value=0, label="Image size in px (0 = the model's own)", precision=0, minimum=0,
+                                       maximum=512, min_width=140)
+            new_name = gr.Textbox(label="Name of the new model", placeholder="my birds", elem_id="new-name")
+            with gr.Row():
+                check = gr.Button("Check data", min_width=100)
+                train = gr.Button("Train", variant="primary", elem_id="train", min_width=100)
+                stop = gr.Button("Stop", variant="stop", elem_id="stop", min_width=100)
+            status = gr.HTML(status_html(SLOT.status()), elem_id="train-status")
+    report = gr.Markdown(elem_id="train-report")
+    # Hidden until the first epoch: gradio 6.31's LinePlot loses its colours for good when the
+    # first value it receives is an empty table, so it is never sent one.
+    plot = gr.LinePlot(x="epoch", y="value", color="metric", label="Loss and accuracy per epoch",
+                       visible=False, elem_id="train-plot", color_map=LINE_COLOURS, colors_in_legend=list(LINE_COLOURS))
+    with gr.Row():
+        per_class = gr.Dataframe(headers=["class", "validation accuracy", "validation photos"], interactive=False,
+                                 elem_id="per-class", min_width=300)
+        confusion = gr.Plot(label="Confusion matrix (validation)", elem_id="confusion", min_width=300)
+    download = gr.DownloadButton("Download the new model (.safetensors)", visible=False, elem_id="download")
+    return FineTuneTab(zip_file, names, uploads, groups, gr.State(2), add_class, remove_class, mode, start, epochs,
+                       image_size, new_name, check, train, stop, status, report, plot, per_class, confusion, download)
+
+
+def request(owner, current_model, zip_file, mode, start, epochs, image_size, new_name, *classes) -> TrainRequest:
+    """The tab's inputs as a :class:`TrainRequest`."""
+    return TrainRequest(owner=owner, zip_file=zip_file, names=list(classes[:MAX_CLASSES_UI]),
+                        files=list(classes[MAX_CLASSES_UI:]), mode=mode, start=start, epochs=int(epochs or 0),
+                        image_size=int(image_size or 0), new_name=new_name or "", current_model=current_model)
+
+
+def wire(ctx: Ctx, tab: FineTuneTab) -> None:
+    """The tab's events, after every tab is built (a finished run selects its model everywhere)."""
+    inputs = [ctx.session, ctx.model_name, tab.zip_file, tab.mode, tab.start, tab.epochs, tab.image_size, tab.new_name,
+              *tab.names, *tab.uploads]
+    results = [tab.status, tab.report, tab.plot, tab.per_class, tab.confusion, tab.download]
+
+    def train(*values):
+        req = request(*values)
+        yield {tab.plot: gr.LinePlot(visible=False), tab.download: gr.DownloadButton(visible=False),
+               tab.per_class: None, tab.confusion: None}
+        for view in run_training(ctx.registry, req):
+            yield _updates(ctx, tab, req.owner, view)
+
+    def show_classes(count, delta):
+        count = max(2, min(MAX_CLASSES_UI, count + delta))
+        return [count] + [gr.Group(visible=i < count) for i in range(MAX_CLASSES_UI)]
+
+    tab.add_class.click(lambda c: show_classes(c, 1), tab.visible_classes, [tab.visible_classes] + tab.groups, **PRIVATE)
+    tab.remove_class.click(lambda c: show_classes(c, -1), tab.visible_classes, [tab.visible_classes] + tab.groups,
+                           **PRIVATE)
+    tab.check.click(lambda z, *c: check_data(ctx.registry, z, c[:MAX_CLASSES_UI], c[MAX_CLASSES_UI:]),
+                    [tab.zip_file, *tab.names, *tab.uploads], tab.report, **PRIVATE)
+    run, answer_inputs, answer_outputs = ctx.reanswer
+    tab.train.click(train, inputs, results + ctx.selection_outputs(), concurrency_limit=1, concurrency_id="training",
+                    show_progress="hidden", **PRIVATE).then(run, answer_inputs, answer_outputs, **PRIVATE)
+    def stop(owner):
+        SLOT.stop(owner)
+        return status_html("Stopping after the current step…")
+
+    tab.stop.click(stop, ctx.session, tab.status, queue=False, **PRIVATE)
+
+
+def _updates(ctx: Ctx, tab: FineTuneTab, owner: str, view) -> dict:
+    updates = {tab.status: view.status}
+    if view.report is not None:
+        updates[tab.report] = view.report
+    if view.history is not None:
+        updates[tab.plot] = gr.LinePlot(value=view.history, visible=True)
+    if view.per_class is not None:
+        updates[tab.per_class] = view.per_class
+        updates[tab.confusion] = view.figure
+    if view.model_file:
+        updates[tab.download] = gr.DownloadButton(value=view.model_file, visible=True)
+    if view.new_model:
+        updates.update(ctx.select(owner, view.new_model))
+    return updates

@@ -1,0 +1,95 @@
+"""Fixes to Gradio 6.31, applied by :func:`install` (never as a side effect of an import), and
+the photo input that reads uploads gently."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+from gradio import processing_utils
+from PIL import Image
+
+from resnext import ImageLoadError, load_image
+
+_original_save_pil_to_cache = processing_utils.save_pil_to_cache
+
+
+def install() -> None:
+    """Apply the fixes; safe to call more than once."""
+    processing_utils.save_pil_to_cache = save_pil_to_cache  # every image output goes through it
+
+
+def uninstall() -> None:
+    processing_utils.save_pil_to_cache = _original_save_pil_to_cache
+
+
+def save_pil_to_cache(img: Image.Image, cache_dir: str, name: str = "image", format: str = "webp") -> str:
+    """gradio 6.31's ``processing_utils.save_pil_to_cache``, written without its race.
+
+    Gradio names a cached output image by the hash of its bytes and rewrites that file in place on
+    every call, so when two requests return the same image at once (two visitors clicking one
+    example) one of them can be served a file truncated mid-rewrite (measured: 1 % of requests in
+    ``benchmarks/load.py``). Here the file is written once, through a temporary name and a rename,
+    as Gradio already does for files (``save_file_to_cache``)."""
+    data = processing_utils.encode_pil_to_bytes(img, format)
+    folder = Path(cache_dir) / processing_utils.hash_bytes(data)
+    folder.mkdir(exist_ok=True, parents=True)
+    target = (folder / f"{name}.{format}").resolve()
+    if target.exists():
+        os.utime(target)  # delete_cache ages files by time: a reused file starts a new hour
+        return str(target)
+    fd, staging = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(staging, target)
+    return str(target)
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """What the photo input hands over for a file that is not a photo: the reason, in plain words."""
+
+    reason: str
+
+
+def plain_reason(err: Exception) -> str:
+    """An image loading error as a visitor should read it: what is wrong with the file, without
+    the server's folders, library names or exception types."""
+    text = str(err)
+    if isinstance(err, FileNotFoundError):
+        return "the file did not arrive; try uploading it again"
+    reason = text.split(": ", 1)[-1] if ": " in text else text
+    return reason.split(" (", 1)[0]  # "damaged or cut short (PIL's own words)" -> the plain part
+
+
+def photo_input(**kwargs) -> gr.Image:
+    """A ``gr.Image`` handing over the uploaded file's path. Gradio peeks at every upload; a file
+    that is not a photo becomes :class:`Unreadable` instead of an exception, so the handler can say
+    what the file is and clear it without red "Error" badges on every output. The method is
+    wrapped on the instance: a subclass would be taken for a custom component with no front end."""
+    component = gr.Image(type="filepath", image_mode=None, **kwargs)  # Gradio only reads the header
+    preprocess = component.preprocess
+
+    def gentle(payload):
+        try:
+            path = preprocess(payload)
+        except Exception:  # noqa: BLE001 - any failure here means "not a photo we can read"
+            path = getattr(payload, "path", None)
+            return Unreadable(_reason_for(path))
+        return path
+
+    component.preprocess = gentle
+    return component
+
+
+def _reason_for(path) -> str:
+    if not path:
+        return "the file did not arrive; try uploading it again"
+    try:
+        load_image(path)
+    except (ImageLoadError, FileNotFoundError) as err:
+        return plain_reason(err)
+    return "not a photo in a format this app reads (JPEG, PNG, WebP, GIF, BMP or TIFF)"

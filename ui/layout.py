@@ -1,0 +1,50 @@
+"""The page: a header, the three tabs, the public API, and the page-load step that finds the
+visitor's own models again."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from . import api, classify_tab, finetune_tab, model_tab
+from .answers import KEEP_FILES_S
+from .context import Ctx
+from .state import Models
+
+THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+CSS = """
+.small-print {font-size: 0.8em; opacity: 0.75}
+.unsure {border-left: 4px solid #e8a33d; padding-left: 8px; margin: 4px 0}
+#train-status progress {width: 100%; height: 12px; accent-color: #3b82f6}
+#batch-table {max-width: 100%; overflow-x: auto}
+.top3-tile img {object-fit: contain}
+.tile-caption {text-align: center; font-size: 0.9em}
+@media (max-width: 640px) {
+  h1 {font-size: 1.3em}
+  #photo, #overlay {max-height: 320px}
+}
+"""
+HEADER = ("# ResNeXt bird classifier\nUpload a bird photo: the model names the species and shows **where it "
+          "looked** (Grad-CAM from the network's conv5 stage).")
+
+
+def build_demo(registry: Models, secret: str | None = None) -> gr.Blocks:
+    """The app's Blocks, built without launching. ``secret`` encrypts what is kept in visitors'
+    browsers (a random one per start if not given: a restart then forgets who owns which model)."""
+    ctx = Ctx(registry)
+    with gr.Blocks(title="ResNeXt bird classifier", delete_cache=(KEEP_FILES_S // 4, KEEP_FILES_S)) as demo:
+        ctx.session = gr.State(None)
+        ctx.model_name = gr.State(registry.default)
+        ctx.remembered = gr.BrowserState({"owner": None, "model": None}, storage_key="resnext-visitor", secret=secret)
+        gr.Markdown(HEADER)
+        with gr.Tab("Classify"):
+            classify = classify_tab.build(ctx)
+        with gr.Tab("Fine-tune"):
+            fine_tune = finetune_tab.build(ctx)
+        with gr.Tab("Model"):
+            picker, upload = model_tab.build(ctx)
+        classify_tab.wire(ctx, classify)  # first: the others re-run its answer after a model change
+        finetune_tab.wire(ctx, fine_tune)
+        model_tab.wire(ctx, picker, upload)
+        api.register(ctx, classify, fine_tune)
+        demo.load(ctx.restore, ctx.remembered, ctx.selection_outputs(), api_visibility="private")
+    return demo
