@@ -169,3 +169,34 @@ def test_a_quick_fine_tune_keeps_the_bird_check_only_for_birds(located, tmp_path
     train(data, TrainConfig(mode="quick", init=str(located), epochs=2), out=out)
     dropped = load_checkpoint(out)[1].provenance["verdict"]
     assert dropped["bird_below"] is None and dropped["find_below"] == 0.0
+
+
+def test_refit_locator_learns_to_tell_birds_from_empty_scenes():
+    """The recipe's phase 2: a constant locator, refit on frozen features, scores the "bird"
+    photos (a bright disc) above the photos without one (noise), whole and at a third of the frame."""
+    from resnext.training.calibrate import refit_locator
+
+    rng = np.random.default_rng(0)
+
+    def scene(bird: bool) -> Image.Image:
+        image = rng.normal(110, 30, (64, 64, 3))
+        if bird:
+            yy, xx = np.mgrid[0:64, 0:64]
+            image[(yy - 32) ** 2 + (xx - 32) ** 2 < 26**2] = [250, 230, 40]
+        return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+
+    from resnext.checkpoint import CheckpointInfo
+
+    model = tiny_with_locator(0.0)
+    info = CheckpointInfo(architecture=model.config(), classes=CLASSES, preprocessing=Preprocessing(64, 64), provenance={})
+    classifier = Classifier(model, info, device="cpu", fast=False)
+    birds, empty = [scene(True) for _ in range(24)], [scene(False) for _ in range(24)]
+    fit = refit_locator(classifier, birds, empty)
+    assert fit["bird_photos"] == 72 and fit["negative_photos"] == 24
+
+    def score(photos):
+        return classifier.locate(classifier.features(torch.stack([classifier.preprocessing(p) for p in photos])))
+
+    new_birds, new_empty = [scene(True) for _ in range(12)], [scene(False) for _ in range(12)]
+    assert score(new_birds).amax((1, 2)).min() > score(new_empty).amax((1, 2)).max()
+    assert score([wider_shot(p, 3) for p in new_birds]).amax((1, 2)).mean() > score(new_empty).amax((1, 2)).mean()

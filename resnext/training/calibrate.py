@@ -15,7 +15,7 @@ from torch import Tensor
 from ..inference import Classifier
 from ..verdict import VerdictRules, choose_unsure, default_unsure
 
-__all__ = ["Passes", "run_passes", "choose_rules", "combined"]
+__all__ = ["Passes", "run_passes", "choose_rules", "combined", "refit_locator", "rules_for_fine_tune"]
 
 FIND_BELOW = (0.0, 0.15, 0.25, 0.35, 0.45, 0.55, 0.7)
 CROP_WEIGHTS = (0.25, 0.5, 0.75, 1.0)
@@ -136,3 +136,51 @@ def rules_for_fine_tune(model, classes: list[str], pre, val: list, start_provena
     return VerdictRules(unsure, bird_below, rules.find_below, rules.crop_weight, source=f"fine-tune validation; unsure: {how}",
                         find_margin=rules.find_margin)
 
+
+def refit_locator(classifier: Classifier, birds: list, negatives: list, factors=(1, 2, 3), l2: float = 1e-3,
+                  batch_size: int = 32) -> dict:
+    """Fit the locator head again on the trained network's frozen conv5 features, with the bird
+    photos and the photos without a bird weighted equally.
+
+    During training the locator sees far more bird cells than empty ones (a batch is mostly birds)
+    and leans towards "bird"; here every bird photo is also shown as wider shots (``factors``),
+    and each conv5 cell is one example whose target is the covered fraction of the cell (zero for
+    every cell of a negative). A convex problem (logistic regression, L-BFGS), solved exactly.
+    Changes ``classifier.model.locator`` in place; returns the fit's numbers.
+    """
+    from ..transforms import wider_shot
+    from .augment import coverage
+
+    rows, targets, weights = [], [], []
+    pre = classifier.preprocessing
+    jobs = [(wider_shot(p, f) if f > 1 else p, (0.5 - 0.5 / f, 0.5 - 0.5 / f, 0.5 + 0.5 / f, 0.5 + 0.5 / f))
+            for p in birds for f in factors] + [(p, None) for p in negatives]
+    n_bird = len(birds) * len(factors)
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        features = classifier.features(torch.stack([pre(p) for p, _ in chunk])).float().cpu()  # (B, C, h, w)
+        cells = features.shape[-1]
+        rows.append(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]))
+        targets += [coverage(box, cells).flatten() for _, box in chunk]
+        weights += [torch.full((cells * cells,), 0.5 / (n_bird if box else len(negatives))) for _, box in chunk]
+    x, y, w = torch.cat(rows), torch.cat(targets), torch.cat(weights)
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    x = (x - mean) / std
+    head = torch.nn.Linear(x.shape[1], 1)
+    optimizer = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=200, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(head(x).squeeze(1), y, reduction="none")
+        loss = (bce * w).sum() / w.sum() + l2 * head.weight.pow(2).sum()  # birds and negatives weigh half each
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        final = float(optimizer.step(closure).detach())
+    locator = classifier.model.locator
+    with torch.no_grad():  # fold the standardisation into the 1x1 convolution
+        weight = head.weight[0] / std
+        locator.weight.copy_(weight.view_as(locator.weight).to(locator.weight))
+        locator.bias.copy_((head.bias - (weight * mean).sum()).to(locator.bias))
+    return {"rows": len(x), "bird_photos": n_bird, "negative_photos": len(negatives), "loss": round(final, 4)}
