@@ -126,7 +126,10 @@ def wire(ctx: Ctx, tab: FineTuneTab) -> None:
 
 
 def _updates(ctx: Ctx, tab: FineTuneTab, owner: str, view) -> dict:
-    updates = {tab.status: view.status}
+    status = view.status
+    if view.new_model:
+        status = status.replace("</b>.", "</b>: it is selected in the Classify tab, and only you can see it.", 1)
+    updates = {tab.status: status}
     if view.report is not None:
         updates[tab.report] = view.report
     if view.history is not None:

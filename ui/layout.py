@@ -16,6 +16,7 @@ CSS = """
 .unsure {border-left: 4px solid #e8a33d; padding-left: 8px; margin: 4px 0}
 #train-status progress {width: 100%; height: 12px; accent-color: #3b82f6}
 #batch-table {max-width: 100%; overflow-x: auto}
+#model-card table, #train-report table {display: block; overflow-x: auto; white-space: nowrap}
 .top3-tile img {object-fit: contain}
 .tile-caption {text-align: center; font-size: 0.9em}
 @media (max-width: 640px) {

@@ -258,8 +258,7 @@ def _finished(result, data, records: list[dict], out: Path) -> TrainView:
     acc = f"{result.val_acc:.0%}" if result.val_acc is not None else "not measured (no validation photos)"
     warning = small_validation_warning(counts)
     name = out.stem
-    status = (f"Done in {result.seconds:.0f} s: validation accuracy {acc}. Saved as <b>{html.escape(name)}</b> and "
-              "selected in the Classify tab; only you can see it.")
+    status = f"Done in {result.seconds:.0f} s: validation accuracy {acc}. Saved as <b>{html.escape(name)}</b>."
     if warning:
         status += f"<div class='unsure'>{warning.replace('**', '')}</div>"
     return TrainView(status_html(status), history=pd.DataFrame(records) if records else None,
