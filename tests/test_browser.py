@@ -318,3 +318,11 @@ def test_9_the_visitor_can_box_the_bird(page, tmp_path):
     shot(page, "9-boxed")
     page.locator("#clear-box").click()
     page.locator("#caption").get_by_text("inside the box you drew").wait_for(state="detached", timeout=60_000)
+
+
+def test_8_example_photos_have_captions_and_answer_when_clicked(page):
+    gallery = page.locator("#examples")
+    gallery.get_by_text("Cedar Waxwing").wait_for(timeout=30_000)
+    gallery.locator("img").nth(2).click()
+    wait_answer(page)
+    assert page.locator("#photo img").count() == 1  # the example became the photo

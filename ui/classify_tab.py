@@ -41,6 +41,7 @@ class ClassifyTab:
     button: gr.Button
     many_button: gr.Button
     model: gr.Dropdown
+    example_gallery: gr.Gallery
 
     def cleared(self) -> dict:
         return {self.label: None, self.overlay: None, self.caption: "", self.explanation: None,
@@ -80,10 +81,10 @@ def build(ctx: Ctx) -> ClassifyTab:
                              label="Explain which class", filterable=True, elem_id="target")
         method = gr.Dropdown([(v, k) for k, v in METHOD_NAMES.items()], value="gradcam", label="CAM method",
                              elem_id="method")
-    with gr.Column(visible=knows_examples(first.classes), elem_id="examples") as example_box:
-        if examples():
-            gr.Examples(examples(), inputs=photo, label="Example photos (click one)",
-                        example_labels=[example_species(p).title() for p in examples()])
+    with gr.Column(visible=knows_examples(first.classes) and bool(examples()), elem_id="examples") as example_box:
+        example_gallery = gr.Gallery([(p, example_species(p).title()) for p in examples()], label="Example photos (click one)",
+                                     columns=5, height="auto", allow_preview=False, object_fit="cover",
+                                     elem_id="example-gallery", buttons=[])
     with gr.Accordion("Several photos at once", open=False):
         many = gr.File(file_count="multiple", file_types=["image"], label="Photos", elem_id="many")
         many_button = gr.Button("Classify all", elem_id="classify-all")
@@ -93,7 +94,7 @@ def build(ctx: Ctx) -> ClassifyTab:
     ctx.pickers.append(classify_model)
     ctx.target, ctx.top_k, ctx.example_box = target, top_k, example_box
     tab = ClassifyTab(photo, top3_row, top3_captions, label, overlay, caption, opacity, top3, gr.State(None), box_hint, clear_box, gr.State(None),
-                      method, many, table, csv_file, button, many_button, classify_model)
+                      method, many, table, csv_file, button, many_button, classify_model, example_gallery)
     return tab
 
 
@@ -118,6 +119,10 @@ def corner(box, x: float, y: float) -> tuple[dict | None, str]:
         x0, y0 = box["first"]
         return {"box": [min(x0, x), min(y0, y), max(x0, x), max(y0, y)]}, "Looking inside your box (green). "
     return {"first": [x, y]}, "First corner set: **now click the opposite corner of the bird.**"
+
+
+def pick_example(evt: gr.SelectData):
+    return examples()[evt.index]
 
 
 def wire(ctx: Ctx, tab: ClassifyTab) -> None:
@@ -152,6 +157,7 @@ def wire(ctx: Ctx, tab: ClassifyTab) -> None:
     for control in (ctx.target, tab.method):
         control.input(run, inputs, outputs, **on_answer)
     ctx.top_k.release(run, inputs, outputs, **on_answer)
+    tab.example_gallery.select(pick_example, None, tab.photo, **PRIVATE)  # the photo's change answers
     tab.opacity.release(reblend, [tab.explanation, tab.opacity], tab.overlay, **PRIVATE)
     tab.model.input(ctx.select, [ctx.session, tab.model], ctx.selection_outputs(), **PRIVATE).then(
         run, inputs, outputs, **on_answer)

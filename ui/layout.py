@@ -18,6 +18,8 @@ CSS = """
 #batch-table {max-width: 100%; overflow-x: auto}
 #model-card table, #train-report table {display: block; overflow-x: auto; white-space: nowrap}
 .top3-tile img {object-fit: contain}
+#overlay img {width: 100%; height: 100%; object-fit: contain}  /* small photos fill the answer's frame */
+#example-gallery .caption-label {font-size: 0.8em}
 .tile-caption {text-align: center; font-size: 0.9em}
 @media (max-width: 640px) {
   h1 {font-size: 1.3em}
