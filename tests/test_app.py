@@ -268,3 +268,20 @@ def test_output_images_are_cached_once_never_rewritten_in_place(tmp_path):
         assert [p.name for p in first.parent.iterdir()] == [first.name]  # no staging file left
     finally:
         ui.fixes.uninstall()
+
+
+def test_visitors_folders_expire_a_week_after_their_last_model(registry):
+    from ui.state import KEEP_VISITOR_S
+
+    old, recent = registry.folder("a" * 32), registry.folder("b" * 32)
+    for folder, age in ((old, KEEP_VISITOR_S + 60), (recent, 60)):
+        folder.mkdir(parents=True)
+        os.utime(folder, (time.time() - age,) * 2)
+    registry.tidy()
+    assert not old.exists() and recent.is_dir()
+
+
+def test_the_browser_secret_is_made_once_and_private(tmp_path):
+    first = ui.secret_for(tmp_path)
+    assert len(first) == 32 and ui.secret_for(tmp_path) == first
+    assert (tmp_path / ".browser-secret").stat().st_mode & 0o077 == 0
