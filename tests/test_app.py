@@ -285,3 +285,12 @@ def test_the_browser_secret_is_made_once_and_private(tmp_path):
     first = ui.secret_for(tmp_path)
     assert len(first) == 32 and ui.secret_for(tmp_path) == first
     assert (tmp_path / ".browser-secret").stat().st_mode & 0o077 == 0
+
+
+def test_two_clicks_make_a_box_whichever_corners_they_are():
+    from ui.classify_tab import corner
+
+    first, hint = corner(None, 300, 40)
+    assert first == {"first": [300, 40]} and "opposite corner" in hint
+    assert corner(first, 100, 200)[0] == {"box": [100, 40, 300, 200]}  # top-right, then bottom-left
+    assert corner({"box": [1, 2, 3, 4]}, 5, 6)[0] == {"first": [5, 6]}  # a third click starts again

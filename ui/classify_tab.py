@@ -113,11 +113,11 @@ def answer(ctx: Ctx, tab: ClassifyTab, name, owner, image, k, target, method, op
             **{cap: text for cap, (_, text) in zip(tab.top3_captions, shown.top3)}}
 
 
-def corner(box, x: float, y: float) -> tuple[dict | None, str]:
+def corner(box, x: float, y: float) -> tuple[dict, str]:
     """A click on the photo: the first corner of a box, or the second, which completes it."""
     if isinstance(box, dict) and "first" in box:
         x0, y0 = box["first"]
-        return {"box": [min(x0, x), min(y0, y), max(x0, x), max(y0, y)]}, "Looking inside your box (green). "
+        return {"box": [min(x0, x), min(y0, y), max(x0, x), max(y0, y)]}, "Looking inside your box (green)."
     return {"first": [x, y]}, "First corner set: **now click the opposite corner of the bird.**"
 
 
@@ -135,7 +135,8 @@ def wire(ctx: Ctx, tab: ClassifyTab) -> None:
         drawn = box.get("box") if isinstance(box, dict) else None
         return answer(ctx, tab, name, owner, image, k, target, method, opacity, drawn)
 
-    def new_photo(*values):
+    def whole_photo(*values):
+        """A new photo, or "Use the whole photo": forget the box and answer for all of it."""
         return {**run(*values[:-1], None), tab.box: None, tab.box_hint: BOX_HINT, tab.clear_box: gr.Button(visible=False)}
 
     def clicked(name, owner, image, k, target, method, opacity, box, evt: gr.SelectData):
@@ -145,15 +146,12 @@ def wire(ctx: Ctx, tab: ClassifyTab) -> None:
             return updates
         return {**updates, **run(name, owner, image, k, target, method, opacity, box)}
 
-    def whole(*values):
-        return {**run(*values[:-1], None), tab.box: None, tab.box_hint: BOX_HINT, tab.clear_box: gr.Button(visible=False)}
-
     more = outputs + [tab.box_hint, tab.clear_box]
     on_answer = {**PRIVATE, "show_progress_on": [tab.label, tab.overlay]}  # never over the photo being clicked
     tab.button.click(run, inputs, outputs, **on_answer)
-    tab.photo.change(new_photo, inputs, more, **on_answer).then(None, js=SCROLL_TO_ANSWER)  # upload, paste, example
+    tab.photo.change(whole_photo, inputs, more, **on_answer).then(None, js=SCROLL_TO_ANSWER)  # upload, paste, example
     tab.photo.select(clicked, inputs, more, **on_answer)
-    tab.clear_box.click(whole, inputs, more, **on_answer)
+    tab.clear_box.click(whole_photo, inputs, more, **on_answer)
     for control in (ctx.target, tab.method):
         control.input(run, inputs, outputs, **on_answer)
     ctx.top_k.release(run, inputs, outputs, **on_answer)
