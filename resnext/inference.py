@@ -221,7 +221,7 @@ class Classifier:
                 area, crop_box = self.bird_crop(photo, cells[i])
                 if self.rules.looks_closer(bird, area):
                     box_used = crop_box
-                    crop_features = self.features(self.preprocessing(photo.crop(box)).unsqueeze(0))
+                    crop_features = self.features(self.preprocessing(photo.crop(crop_box)).unsqueeze(0))
                     crop_logits = self.logits(crop_features)
                     p = self.rules.mix(p, torch.softmax(crop_logits.float()[0], dim=0).cpu())
                     found, chosen = True, (crop_features, crop_logits)

@@ -200,3 +200,22 @@ def test_refit_locator_learns_to_tell_birds_from_empty_scenes():
     new_birds, new_empty = [scene(True) for _ in range(12)], [scene(False) for _ in range(12)]
     assert score(new_birds).amax((1, 2)).min() > score(new_empty).amax((1, 2)).max()
     assert score([wider_shot(p, 3) for p in new_birds]).amax((1, 2)).mean() > score(new_empty).amax((1, 2)).mean()
+
+
+def test_find_the_bird_classifies_the_crop_it_reports(tmp_path):
+    """The second pass sees exactly the box the answer reports (and the app draws)."""
+    model = tiny_model()
+    model.add_locator()
+    torch.manual_seed(1)
+    torch.nn.init.normal_(model.locator.weight, std=2.0)  # a bird score that differs from cell to cell
+    torch.nn.init.constant_(model.locator.bias, -1.0)
+    rules = {"unsure_below": 0.0, "bird_below": None, "find_below": 1.0, "crop_weight": 1.0, "find_margin": 1.0}
+    path = save_checkpoint(tmp_path / "m.safetensors", model, CLASSES, Preprocessing(64, 72), {"verdict": rules})
+    classifier = Classifier(*load_checkpoint(path), device="cpu", fast=False)
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8))
+    (answer,) = classifier.predict(photo, k=5)
+    whole = classifier.preprocessing.crop_box(*photo.size)
+    assert answer.found and answer.box != tuple(whole)
+    (direct,) = classifier.predict(photo.crop(answer.box), k=5, find_bird=False)
+    assert [p.label for p in answer] == [p.label for p in direct]
+    assert np.allclose([p.prob for p in answer], [p.prob for p in direct], atol=1e-6)
