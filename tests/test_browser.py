@@ -132,7 +132,10 @@ def test_finetune_a_zip_then_classify_with_the_new_model(page, tmp_path):
     shot(page, "model")
     page.get_by_role("tab", name="Classify").click()
     upload(page, next((tmp_path / "shapes" / "red disc").glob("*.png")))
-    wait_answer(page, "red disc")
+    try:
+        wait_answer(page, "red disc")
+    finally:
+        shot(page, "finetune-classify")
 
 
 def test_stop_ends_a_full_run(page, tmp_path):

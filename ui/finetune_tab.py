@@ -102,7 +102,7 @@ def wire(ctx: Ctx, tab: FineTuneTab) -> None:
     def train(*values):
         req = request(*values)
         yield {tab.plot: gr.LinePlot(visible=False), tab.download: gr.DownloadButton(visible=False),
-               tab.per_class: None, tab.confusion: None}
+               tab.per_class: None, tab.confusion: None, tab.stop: gr.Button("Stop", interactive=True)}
         for view in run_training(ctx.registry, req):
             yield _updates(ctx, tab, req.owner, view)
 
@@ -116,13 +116,15 @@ def wire(ctx: Ctx, tab: FineTuneTab) -> None:
     tab.check.click(lambda z, *c: check_data(ctx.registry, z, c[:MAX_CLASSES_UI], c[MAX_CLASSES_UI:]),
                     [tab.zip_file, *tab.names, *tab.uploads], tab.report, **PRIVATE)
     run, answer_inputs, answer_outputs = ctx.reanswer
-    tab.train.click(train, inputs, results + ctx.selection_outputs(), concurrency_limit=1, concurrency_id="training",
+    tab.train.click(train, inputs, results + [tab.stop] + ctx.selection_outputs(), concurrency_limit=1, concurrency_id="training",
                     show_progress="hidden", **PRIVATE).then(run, answer_inputs, answer_outputs, **PRIVATE)
     def stop(owner):
         SLOT.stop(owner)
-        return status_html("Stopping after the current step…")
+        return gr.Button("Stopping after this step…", interactive=False)
 
-    tab.stop.click(stop, ctx.session, tab.status, queue=False, **PRIVATE)
+    # The button, not the status line, says "stopping": this quick answer (queue=False) can arrive
+    # after the run's own last word ("Stopped") and must not overwrite it.
+    tab.stop.click(stop, ctx.session, tab.stop, queue=False, **PRIVATE)
 
 
 def _updates(ctx: Ctx, tab: FineTuneTab, owner: str, view) -> dict:
@@ -130,6 +132,8 @@ def _updates(ctx: Ctx, tab: FineTuneTab, owner: str, view) -> dict:
     if view.new_model:
         status = status.replace("</b>.", "</b>: it is selected in the Classify tab, and only you can see it.", 1)
     updates = {tab.status: status}
+    if view.done:
+        updates[tab.stop] = gr.Button("Stop", interactive=True)
     if view.report is not None:
         updates[tab.report] = view.report
     if view.history is not None:

@@ -49,6 +49,7 @@ class TrainView:
     figure: object = None
     model_file: str | None = None
     new_model: str | None = None  # the registered name, at the end of a run that saved one
+    done: bool = False  # the run's last word (saved or stopped)
 
 
 def status_html(text: str, fraction: float | None = None, eta_s: float | None = None) -> str:
@@ -220,7 +221,7 @@ def _train(registry: Models, request: TrainRequest, data, stop):
                 result = event
                 break
             if event.stage == "cancelled":
-                yield TrainView(status_html("Stopped. No model was saved."))
+                yield TrainView(status_html("Stopped. No model was saved."), done=True)
                 return
             if event.stage == "epoch":
                 records += _epoch_records(event)
@@ -263,4 +264,4 @@ def _finished(result, data, records: list[dict], out: Path) -> TrainView:
         status += f"<div class='unsure'>{warning.replace('**', '')}</div>"
     return TrainView(status_html(status), history=pd.DataFrame(records) if records else None,
                      per_class=per_class_rows(result, counts), figure=confusion_figure(result.confusion, result.classes),
-                     model_file=str(result.checkpoint), new_model=name)
+                     model_file=str(result.checkpoint), new_model=name, done=True)
