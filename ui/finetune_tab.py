@@ -130,7 +130,7 @@ def wire(ctx: Ctx, tab: FineTuneTab) -> None:
 def _updates(ctx: Ctx, tab: FineTuneTab, owner: str, view) -> dict:
     status = view.status
     if view.new_model:
-        status = status.replace("</b>.", "</b>: it is selected in the Classify tab, and only you can see it.", 1)
+        status += status_html("It is selected in the Classify tab, and only you can see it.")
     updates = {tab.status: status}
     if view.done:
         updates[tab.stop] = gr.Button("Stop", interactive=True)

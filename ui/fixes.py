@@ -48,6 +48,9 @@ def save_pil_to_cache(img: Image.Image, cache_dir: str, name: str = "image", for
     return str(target)
 
 
+NOT_ARRIVED = "the file did not arrive; try uploading it again"
+
+
 @dataclass(frozen=True)
 class Unreadable:
     """What the photo input hands over for a file that is not a photo: the reason, in plain words."""
@@ -60,7 +63,7 @@ def plain_reason(err: Exception) -> str:
     the server's folders, library names or exception types."""
     text = str(err)
     if isinstance(err, FileNotFoundError):
-        return "the file did not arrive; try uploading it again"
+        return NOT_ARRIVED
     reason = text.split(": ", 1)[-1] if ": " in text else text
     return reason.split(" (", 1)[0]  # "damaged or cut short (PIL's own words)" -> the plain part
 
@@ -87,7 +90,7 @@ def photo_input(**kwargs) -> gr.Image:
 
 def _reason_for(path) -> str:
     if not path:
-        return "the file did not arrive; try uploading it again"
+        return NOT_ARRIVED
     try:
         load_image(path)
     except (ImageLoadError, FileNotFoundError) as err:

@@ -62,9 +62,14 @@ def status_html(text: str, fraction: float | None = None, eta_s: float | None = 
     return "".join(parts)
 
 
+def new_job(registry: Models) -> Path:
+    """A fresh job folder's path (removed when the check or run ends; a killed run's at start-up)."""
+    return registry.workdir / "jobs" / uuid.uuid4().hex[:12]
+
+
 def gather_classes(registry: Models, names: list[str], files: list) -> Path:
     """The class-name boxes and their photos -> a class-folder tree in a fresh job folder."""
-    job = registry.workdir / "jobs" / uuid.uuid4().hex[:12]
+    job = new_job(registry)
     used = 0
     for name, group in zip(names, files):
         name = (name or "").strip()
@@ -86,7 +91,7 @@ def gather_classes(registry: Models, names: list[str], files: list) -> Path:
 def source(registry: Models, zip_file, names, files) -> tuple[Path, Path]:
     """(data source, job folder to delete afterwards)."""
     if zip_file is not None:
-        job = registry.workdir / "jobs" / uuid.uuid4().hex[:12]
+        job = new_job(registry)
         job.mkdir(parents=True)
         return Path(zip_file if isinstance(zip_file, str) else zip_file.name), job
     data = gather_classes(registry, names, files)
