@@ -34,7 +34,8 @@ class Answer(list):
 
     Attributes:
         verdict: ``"species"``, ``"unsure"`` or ``"not_a_bird"`` (see :mod:`resnext.verdict`).
-        bird: the locator's bird score in [0, 1] (``None`` for a model without a locator).
+        bird: "this photo shows a bird" in [0, 1] (see :meth:`Classifier.bird_scores`; ``None``
+            for a model with neither a bird head nor a locator).
         box: the part of the photo classified, (left, top, right, bottom) in photo pixels; a
             crop around the bird when find-the-bird made a second pass (``found`` is then True),
             or inside the box the caller gave (``boxed`` is then True).
@@ -122,7 +123,8 @@ class Classifier:
         self.classes = list(info.classes)
         self.preprocessing = info.preprocessing
         self.path = path
-        self.rules = VerdictRules.from_provenance(info.provenance, len(self.classes), model.locator is not None)
+        has_bird_score = model.locator is not None or model.bird is not None
+        self.rules = VerdictRules.from_provenance(info.provenance, len(self.classes), has_bird_score)
         if self.device.type == "cpu":
             configure_cpu_threads()
         self._backbone = self.model.forward_features
@@ -190,6 +192,14 @@ class Classifier:
         with torch.inference_mode():
             return torch.sigmoid(self.model.forward_locator(features.float())).cpu()
 
+    def bird_scores(self, features: Tensor, cells: Tensor | None) -> Tensor | None:
+        """"This photo shows a bird", (B,) in [0, 1]: the bird head's score where the model has
+        one, else the locator's best cell (``cells`` from :meth:`locate`); None without either."""
+        if self.model.bird is None:
+            return None if cells is None else cells.flatten(1).amax(1)
+        with torch.inference_mode():
+            return torch.sigmoid(self.model.forward_bird(features.float())).cpu()
+
     def bird_crop(self, photo, cells: Tensor, margin: float | None = None) -> tuple[float, tuple[float, ...]]:
         """The bird's estimated area (fraction of what the first pass saw) and the square box
         around it in ``photo``'s pixels, from the locator's cells ``(h, w)`` for that photo;
@@ -212,11 +222,12 @@ class Classifier:
         logits = self.logits(features)
         probs = torch.softmax(logits.float(), dim=1).cpu()
         cells = self.locate(features)
+        birds = self.bird_scores(features, cells)
         out = []
         for i, photo in enumerate(photos):
             seen = seen_boxes[i]
             p, box_used, found, chosen = probs[i], seen, False, (features[i : i + 1], logits[i : i + 1])
-            bird = None if cells is None else float(cells[i].max())
+            bird = None if birds is None else float(birds[i])
             if find_bird and cells is not None and box is None:
                 area, crop_box = self.bird_crop(photo, cells[i])
                 if self.rules.looks_closer(bird, area):

@@ -81,6 +81,10 @@ class ResNeXt(nn.Module):
             logit of "this cell shows a bird" (trained on the covered fraction of each cell). It
             finds the bird in a wide shot and says when there is none; it reads the same conv5
             activation as ``fc`` and Grad-CAM, so it costs one tiny convolution.
+        bird_head: add ``bird``, a linear layer on the pooled conv5 features (those ``fc``
+            reads) giving the logit of "this photo shows a bird". It is fit on frozen features
+            with photos of no bird (:func:`resnext.training.calibrate.fit_bird_head`) and, where
+            present, is the bird score of the verdict; the locator then only finds the bird.
         zero_init_residual: start each block's last BN gamma at zero, so every block begins as
             the identity. Goyal et al. (2017) report this helps training from scratch, which is how
             our default bird model is trained; it changes nothing when weights are loaded.
@@ -99,6 +103,7 @@ class ResNeXt(nn.Module):
         stem_width: int = 64,
         zero_init_residual: bool = True,
         locator: bool = False,
+        bird_head: bool = False,
     ):
         super().__init__()
         layers = tuple(int(n) for n in layers)
@@ -135,6 +140,7 @@ class ResNeXt(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_ch, num_classes)
         self.locator = nn.Conv2d(in_ch, 1, 1) if locator else None
+        self.bird = nn.Linear(in_ch, 1) if bird_head else None
         self.num_features = in_ch
         self._init_weights(zero_init_residual)
 
@@ -168,6 +174,13 @@ class ResNeXt(nn.Module):
         self.locator = nn.Conv2d(self.num_features, 1, 1).to(self.fc.weight.device)
         self._init_locator()
 
+    def add_bird_head(self) -> None:
+        """Give a network without one a ``bird`` head that says "bird" for every photo (zero
+        weights, bias 4: sigmoid 0.98) until it is fit, so nothing is called "not a bird" by chance."""
+        self.bird = nn.Linear(self.num_features, 1).to(self.fc.weight.device)
+        nn.init.zeros_(self.bird.weight)
+        nn.init.constant_(self.bird.bias, 4.0)
+
     @property
     def num_classes(self) -> int:
         return self.fc.out_features
@@ -194,6 +207,16 @@ class ResNeXt(nn.Module):
             raise ValueError("this network has no locator head (locator=False)")
         return self.locator(features).squeeze(1)
 
+    def forward_bird(self, features: Tensor) -> Tensor:
+        """conv5 activation -> the logit of "this photo shows a bird" (B,).
+
+        Raises:
+            ValueError: the network has no bird head.
+        """
+        if self.bird is None:
+            raise ValueError("this network has no bird head (bird_head=False)")
+        return self.bird(torch.flatten(self.avgpool(features), 1)).squeeze(1)
+
     def forward(self, x: Tensor) -> Tensor:
         # Fix (seed): return logits, not softmax: CrossEntropyLoss and Grad-CAM targets need them.
         return self.forward_head(self.forward_features(x))
@@ -213,16 +236,17 @@ class ResNeXt(nn.Module):
             "num_classes": self.num_classes,
             "stem_width": self.stem_width,
             "locator": self.locator is not None,
+            "bird_head": self.bird is not None,
         }
 
 
 def build_model(config: dict) -> ResNeXt:
     """Rebuild a network from :meth:`ResNeXt.config` output."""
-    known = {"layers", "cardinality", "group_depth", "num_classes", "stem_width", "locator"}
+    known = {"layers", "cardinality", "group_depth", "num_classes", "stem_width", "locator", "bird_head"}
     unknown = set(config) - known
     if unknown:
         raise ValueError(f"unknown architecture fields {sorted(unknown)}")
-    missing = known - {"stem_width", "locator"} - set(config)
+    missing = known - {"stem_width", "locator", "bird_head"} - set(config)
     if missing:
         raise ValueError(f"architecture is missing {sorted(missing)}")
     return ResNeXt(**config)

@@ -12,7 +12,9 @@ MobileNetV2, with a locator head and verdicts.
    unlabelled photos and 2 of every 3 non-bird photos as negatives. conv1..conv3 stay frozen.
 2. ``calibrate``: the locator is fit again on the trained network's frozen conv5 features with
    bird photos (as given and as wider shots) and photos without a bird weighted equally (in
-   training they are a tenth of each batch, and the head leans towards "bird"); then, on held-out
+   training they are a tenth of each batch, and the head leans towards "bird"), and a bird head
+   is fit on the same photos' pooled features (the non-birds also in 7 random framings each): it
+   gives the bird score of the verdict, the locator only finds the bird; then, on held-out
    data only (the 5% validation split, the 5th photo of half of the other species), choose
    find-the-bird's margin, threshold and weight and the verdict thresholds, and write them into
    the checkpoint. Every 3rd non-bird photo and the other half of the other species are held out
@@ -79,8 +81,8 @@ def link_folder(paths: list[Path], folder: Path) -> Path:
 
 
 def _refit_photos(data, splits: dict[str, list[Path]], birds: int = 600, others: int = 300, made_up: int = 200):
-    """Training photos for the locator's refit: a seeded sample of the labelled and the other
-    species' training photos, every non-bird training photo and made-up non-photos."""
+    """Training photos for the locator's refit and the bird head: a seeded sample of the labelled
+    and the other species' training photos; every non-bird training photo, and made-up non-photos."""
     import random
 
     import torch
@@ -92,9 +94,8 @@ def _refit_photos(data, splits: dict[str, list[Path]], birds: int = 600, others:
     rng = random.Random(CONFIG.seed)
     positives = [p for p, _ in rng.sample(data.train, birds)] + rng.sample(splits["other_species_train"], others)
     g = torch.Generator().manual_seed(CONFIG.seed)
-    negatives = [load_image(p) for p in splits["nonbird_train"]]
-    negatives += [to_pil_image(synthetic_nonphoto(CONFIG.teacher_size, g)) for _ in range(made_up)]
-    return [load_image(p) for p in positives], negatives
+    made = [to_pil_image(synthetic_nonphoto(CONFIG.teacher_size, g)) for _ in range(made_up)]
+    return [load_image(p) for p in positives], [load_image(p) for p in splits["nonbird_train"]], made
 
 
 def training_provenance(raw: Path, provenance: dict) -> dict:
@@ -117,18 +118,21 @@ def calibrate(raw: Path, data, splits: dict[str, list[Path]], out: Path, margins
 
     The other species' held-out photos are halved by species: the first half helps choose the
     unsure threshold, the second half is only reported. Non-birds are never used to choose: the
-    bird threshold lets 1% of held-out birds through as "not a bird"."""
+    bird threshold lets at most 1% of each group of held-out birds (plain, 1/2 and 1/3 of the frame,
+    other species) through as "not a bird"."""
     import torch
 
     from .checkpoint import load_checkpoint, save_checkpoint
     from .evaluate import verdict_rates
     from .inference import Classifier
-    from .training.calibrate import choose_rules, refit_locator, run_passes
+    from .training.calibrate import choose_rules, fit_bird_head, negative_views, refit_locator, run_passes
     from .transforms import load_image, wider_shot
 
     model, info = load_checkpoint(raw)
     classifier = Classifier(model, info, device="cpu")
-    refit = refit_locator(classifier, *_refit_photos(data, splits))
+    birds, nonbirds, made_up = _refit_photos(data, splits)
+    refit = refit_locator(classifier, birds, nonbirds + made_up)
+    bird_head = fit_bird_head(classifier, birds, negative_views(nonbirds, views=8, seed=CONFIG.seed) + made_up)
     photos = [load_image(p) for p, _ in data.val]
     labels = torch.tensor([y for _, y in data.val])
     others = splits["other_species_val"]
@@ -147,6 +151,7 @@ def calibrate(raw: Path, data, splits: dict[str, list[Path]], out: Path, margins
     provenance["verdict"] = rules.to_dict()
     provenance["verdict_selection"] = table
     provenance["locator_refit"] = refit
+    provenance["bird_head_fit"] = bird_head
     save_checkpoint(out, model, info.classes, info.preprocessing, provenance)
     shipped = Classifier(*load_checkpoint(out), device="cpu")
     rates = {

@@ -1,7 +1,8 @@
 """Verdicts and find-the-bird: what every answer says besides its top-k.
 
 Every answer gets one verdict:
-- ``"not_a_bird"``: the locator head sees no bird (its best cell scores under ``bird_below``);
+- ``"not_a_bird"``: the bird score is under ``bird_below`` (the bird head's where the model has one,
+  else the locator's best cell; see ``Classifier.bird_scores``);
 - ``"unsure"``: a bird, or something, but the top-1 probability is under ``unsure_below``, as for
   birds of species the model does not know;
 - ``"species"``: the top-1 class, said plainly.
@@ -57,13 +58,14 @@ class VerdictRules:
             raise ValueError(f"verdict bird_below must be in [0, 1] or null, got {self.bird_below!r}")
 
     @classmethod
-    def from_provenance(cls, provenance: dict, num_classes: int, has_locator: bool) -> "VerdictRules":
-        """The rules a checkpoint records; older checkpoints get their ``unsure_below`` metric
-        (or the default) and no bird check."""
+    def from_provenance(cls, provenance: dict, num_classes: int, has_bird_score: bool) -> "VerdictRules":
+        """The rules a checkpoint records (the bird check and find-the-bird only for a network
+        with a bird score: a locator or a bird head); older checkpoints get their
+        ``unsure_below`` metric (or the default) and no bird check."""
         stored = provenance.get("verdict")
         if isinstance(stored, dict):
             rules = cls(**{k: v for k, v in stored.items() if k in cls.__dataclass_fields__})
-            return rules if has_locator else cls(rules.unsure_below, source=rules.source)
+            return rules if has_bird_score else cls(rules.unsure_below, source=rules.source)
         legacy = (provenance.get("metrics") or {}).get("unsure_below")
         if isinstance(legacy, (int, float)) and legacy > 1.0 / max(1, num_classes):
             return cls(float(legacy), source="metrics.unsure_below")

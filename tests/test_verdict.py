@@ -42,9 +42,9 @@ def test_bad_rules_name_the_value(field, value):
 
 def test_rules_from_provenance():
     stored = {"verdict": {"unsure_below": 0.4, "bird_below": 0.2, "find_below": 0.5, "crop_weight": 0.75, "source": "x"}}
-    assert VerdictRules.from_provenance(stored, 100, has_locator=True) == VerdictRules(0.4, 0.2, 0.5, 0.75, "x")
-    # a model without a locator keeps the unsure threshold only
-    assert VerdictRules.from_provenance(stored, 100, has_locator=False) == VerdictRules(0.4, source="x")
+    assert VerdictRules.from_provenance(stored, 100, has_bird_score=True) == VerdictRules(0.4, 0.2, 0.5, 0.75, "x")
+    # a model with neither a locator nor a bird head keeps the unsure threshold only
+    assert VerdictRules.from_provenance(stored, 100, has_bird_score=False) == VerdictRules(0.4, source="x")
     # an older checkpoint: its unsure_below metric, unless it is at or under chance
     assert VerdictRules.from_provenance({"metrics": {"unsure_below": 0.3}}, 100, False).unsure_below == 0.3
     assert VerdictRules.from_provenance({"metrics": {"unsure_below": 0.3}}, 3, False).unsure_below == default_unsure(3)
@@ -148,8 +148,8 @@ def test_cli_evaluate_reports_verdicts_and_zoom_out(located, tmp_path, capsys, p
 
 
 def test_a_quick_fine_tune_keeps_the_bird_check_only_for_birds(located, tmp_path):
-    """The start model's rules (bird check, find-the-bird and its margin) survive a fine-tune whose
-    validation photos pass the bird check, and are dropped when they do not."""
+    """The start model's rules (bird check, find-the-bird and its margin) and its bird head survive
+    a fine-tune whose validation photos pass the bird check; the rules are dropped when they do not."""
     from resnext.data import load_dataset
     from resnext.training import TrainConfig, train
 
@@ -159,24 +159,25 @@ def test_a_quick_fine_tune_keeps_the_bird_check_only_for_birds(located, tmp_path
     out = tmp_path / "ft.safetensors"
     rules = {"unsure_below": 0.3, "bird_below": 0.5, "find_below": 0.4, "crop_weight": 1.0, "find_margin": 1.3}
     model, info = load_checkpoint(located)
-    save_checkpoint(located, model, info.classes, info.preprocessing, {"verdict": rules})  # bird score 0.95 everywhere
+    model.add_bird_head()  # bird score 0.98 everywhere
+    torch.nn.init.constant_(model.bird.bias, 3.0)  # 0.95
+    save_checkpoint(located, model, info.classes, info.preprocessing, {"verdict": rules})
     train(data, TrainConfig(mode="quick", init=str(located), epochs=2), out=out)
-    kept = load_checkpoint(out)[1].provenance["verdict"]
+    tuned, tuned_info = load_checkpoint(out)
+    assert tuned.bird is not None and float(tuned.bird.bias) == 3.0
+    kept = tuned_info.provenance["verdict"]
     assert kept["bird_below"] == 0.5 and kept["find_below"] == 0.4 and kept["find_margin"] == 1.3
     assert kept["unsure_below"] > 1 / 3  # 3 classes: never under chance
-    torch.nn.init.constant_(model.locator.bias, -3.0)  # now nothing looks like a bird to it
+    torch.nn.init.constant_(model.bird.bias, -3.0)  # now nothing looks like a bird to it
     save_checkpoint(located, model, info.classes, info.preprocessing, {"verdict": rules})
     train(data, TrainConfig(mode="quick", init=str(located), epochs=2), out=out)
     dropped = load_checkpoint(out)[1].provenance["verdict"]
     assert dropped["bird_below"] is None and dropped["find_below"] == 0.0
 
 
-def test_refit_locator_learns_to_tell_birds_from_empty_scenes():
-    """The recipe's phase 2: a constant locator, refit on frozen features, scores the "bird"
-    photos (a bright disc) above the photos without one (noise), whole and at a third of the frame."""
-    from resnext.training.calibrate import refit_locator
-
-    rng = np.random.default_rng(0)
+def scenes(seed: int = 0):
+    """Tiny "photos": a bright disc (the bird) or none, on noise."""
+    rng = np.random.default_rng(seed)
 
     def scene(bird: bool) -> Image.Image:
         image = rng.normal(110, 30, (64, 64, 3))
@@ -185,11 +186,23 @@ def test_refit_locator_learns_to_tell_birds_from_empty_scenes():
             image[(yy - 32) ** 2 + (xx - 32) ** 2 < 26**2] = [250, 230, 40]
         return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
 
+    return scene
+
+
+def classifier_of(model) -> Classifier:
     from resnext.checkpoint import CheckpointInfo
 
-    model = tiny_with_locator(0.0)
     info = CheckpointInfo(architecture=model.config(), classes=CLASSES, preprocessing=Preprocessing(64, 64), provenance={})
-    classifier = Classifier(model, info, device="cpu", fast=False)
+    return Classifier(model, info, device="cpu", fast=False)
+
+
+def test_refit_locator_learns_to_tell_birds_from_empty_scenes():
+    """The recipe's phase 2: a constant locator, refit on frozen features, scores the "bird"
+    photos (a bright disc) above the photos without one (noise), whole and at a third of the frame."""
+    from resnext.training.calibrate import refit_locator
+
+    scene = scenes()
+    classifier = classifier_of(tiny_with_locator(0.0))
     birds, empty = [scene(True) for _ in range(24)], [scene(False) for _ in range(24)]
     fit = refit_locator(classifier, birds, empty)
     assert fit["bird_photos"] == 72 and fit["negative_photos"] == 24
@@ -200,6 +213,56 @@ def test_refit_locator_learns_to_tell_birds_from_empty_scenes():
     new_birds, new_empty = [scene(True) for _ in range(12)], [scene(False) for _ in range(12)]
     assert score(new_birds).amax((1, 2)).min() > score(new_empty).amax((1, 2)).max()
     assert score([wider_shot(p, 3) for p in new_birds]).amax((1, 2)).mean() > score(new_empty).amax((1, 2)).mean()
+
+
+def test_fit_bird_head_adds_a_head_that_tells_birds_from_empty_scenes():
+    """A model without a bird head gets one, fit on frozen pooled features; new "bird" photos
+    (whole and at half the frame) then score above new empty scenes, and the answers' bird score
+    and verdict are the head's."""
+    from resnext.training.calibrate import fit_bird_head, negative_views
+
+    scene = scenes(1)
+    classifier = classifier_of(tiny_with_locator(3.0))  # the locator alone would call everything a bird
+    assert classifier.model.bird is None
+    empty = [scene(False) for _ in range(12)]
+    views = negative_views(empty, views=4, seed=0)
+    assert len(views) == 48 and views[:1] == empty[:1] and all(v.width == v.height <= 64 for v in views[1:4])
+    fit = fit_bird_head(classifier, [scene(True) for _ in range(24)], views, factors=(1, 2))
+    assert fit["bird_photos"] == 48 and fit["negative_photos"] == 48
+    assert classifier.model.config()["bird_head"] is True
+
+    def score(photos):
+        features = classifier.features(torch.stack([classifier.preprocessing(p) for p in photos]))
+        return classifier.bird_scores(features, classifier.locate(features))
+
+    new_birds, new_empty = [scene(True) for _ in range(12)], [scene(False) for _ in range(12)]
+    assert score(new_birds).min() > score(new_empty).max()
+    assert score([wider_shot(p, 2) for p in new_birds]).min() > score(new_empty).max()
+    classifier.rules = VerdictRules(0.0, bird_below=float(score(new_empty).max()) + 1e-4)
+    answers = classifier.predict(new_birds[:2] + new_empty[:2], k=1, find_bird=False)
+    assert [a.verdict for a in answers] == ["species", "species", "not_a_bird", "not_a_bird"]
+    assert answers[2].bird == pytest.approx(float(score(new_empty[:1])[0]), abs=1e-5)
+
+
+def test_a_bird_head_round_trips_and_outranks_the_locator(located, tmp_path, photo):
+    """With a bird head the verdict follows it, not the locator's best cell; the head travels in
+    the checkpoint, and a model with a bird head alone (no locator) keeps its bird check."""
+    model, info = load_checkpoint(located)  # locator: 0.95 everywhere, bird_below 0.5
+    model.add_bird_head()
+    with torch.no_grad():  # a new head says "bird" until it is fit
+        assert float(torch.sigmoid(model.forward_bird(model.forward_features(torch.zeros(1, 3, 64, 64))))) == pytest.approx(0.982, abs=1e-3)
+    torch.nn.init.constant_(model.bird.bias, -5.0)
+    path = save_checkpoint(tmp_path / "head.safetensors", model, info.classes, info.preprocessing, info.provenance)
+    loaded, loaded_info = load_checkpoint(path)
+    assert loaded_info.architecture["bird_head"] is True and float(loaded.bird.bias) == -5.0
+    (answer,) = Classifier(loaded, loaded_info, device="cpu").predict(photo, k=3)
+    assert answer.verdict == "not_a_bird" and answer.bird == pytest.approx(float(torch.sigmoid(torch.tensor(-5.0))), abs=1e-5)
+    loaded.locator = None  # the bird head alone still gives a bird score and its rules
+    classifier = Classifier(loaded, loaded_info, device="cpu")
+    assert classifier.rules.bird_below == 0.5
+    assert classifier.predict(photo, k=3)[0].verdict == "not_a_bird"
+    with pytest.raises(ValueError, match="no bird head"):
+        tiny_model().forward_bird(torch.zeros(1, 64, 2, 2))
 
 
 def test_find_the_bird_classifies_the_crop_it_reports(tmp_path):
@@ -219,3 +282,21 @@ def test_find_the_bird_classifies_the_crop_it_reports(tmp_path):
     (direct,) = classifier.predict(photo.crop(answer.box), k=5, find_bird=False)
     assert [p.label for p in answer] == [p.label for p in direct]
     assert np.allclose([p.prob for p in answer], [p.prob for p in direct], atol=1e-6)
+
+
+def test_choose_rules_lets_at_most_one_percent_of_each_bird_group_through():
+    """The bird threshold holds for every group of held-out birds, not just for their total: birds
+    of other species, which score lower, are not sacrificed to the model's own."""
+    from resnext.training.calibrate import Passes, choose_rules
+
+    def passes(bird: torch.Tensor) -> tuple[Passes, torch.Tensor]:
+        labels = torch.arange(len(bird)) % len(CLASSES)
+        probs = torch.nn.functional.one_hot(labels, len(CLASSES)).float() * 0.9 + 0.02
+        return Passes(probs, probs, bird, torch.zeros(len(bird))), labels
+
+    own, own_labels = passes(torch.linspace(0.6, 1.0, 400))
+    others, _ = passes(torch.linspace(0.2, 1.0, 100))
+    rules, _ = choose_rules({"plain": (own, own_labels)}, [own, others], others, len(CLASSES))
+    for group in (own, others):
+        assert float((group.bird < rules.bird_below).float().mean()) <= 0.01
+    assert 0.2 < rules.bird_below < 0.22  # their 1% quantile; 1% of all 500 (0.232) would let 5% of them through
