@@ -242,6 +242,6 @@ def from_torchvision(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def to_torchvision(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The reverse of :func:`from_torchvision`: our names back to torchvision's (for references).
-    The locator head, which torchvision's network does not have, is left out."""
-    ours = {k: v for k, v in state_dict.items() if not k.startswith("locator.")}
+    The locator and bird heads, which torchvision's network does not have, are left out."""
+    ours = {k: v for k, v in state_dict.items() if not k.startswith(("locator.", "bird."))}
     return _rename_prefixes(ours, [(ours_, theirs) for theirs, ours_ in _TORCHVISION_PREFIXES])

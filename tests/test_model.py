@@ -115,6 +115,8 @@ def test_name_mapping_round_trips():
     assert set(ours) == set(resnext50_32x4d(10).state_dict())
     back = to_torchvision(ours)
     assert list(back) == list(reference) and all(back[k] is reference[k] for k in reference)
+    with_heads = ResNeXt((3, 4, 6, 3), 32, 4, 10, locator=True, bird_head=True).state_dict()
+    assert list(to_torchvision(with_heads)) == list(reference)  # heads torchvision has not: left out
 
 
 def test_bad_arguments_raise_value_errors_naming_the_value():
