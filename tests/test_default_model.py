@@ -26,7 +26,8 @@ def test_the_default_model_is_shipped_with_its_card():
     assert info.architecture["layers"] == [3, 4, 6, 3] and info.architecture["cardinality"] == 32
     assert len(info.classes) == 100 and info.preprocessing.input_size == 96
     assert DEFAULT_CHECKPOINT.stat().st_size < 50_000_000  # fp16
-    assert info.architecture["locator"] is True  # finds the bird, says when there is none
+    assert info.architecture["locator"] is True  # finds the bird
+    assert info.architecture["bird_head"] is True  # says when there is none
     rules = info.provenance["verdict"]
     assert 1 / 100 < rules["unsure_below"] < 1 and 0 < rules["bird_below"] < 1 and 0 < rules["find_below"] <= 1
     metrics = info.provenance["metrics"]
