@@ -164,7 +164,7 @@ def test_a_quick_fine_tune_keeps_the_bird_check_only_for_birds(located, tmp_path
     save_checkpoint(located, model, info.classes, info.preprocessing, {"verdict": rules})
     train(data, TrainConfig(mode="quick", init=str(located), epochs=2), out=out)
     tuned, tuned_info = load_checkpoint(out)
-    assert tuned.bird is not None and float(tuned.bird.bias) == 3.0
+    assert tuned.bird is not None and float(tuned.bird.bias.detach()) == 3.0
     kept = tuned_info.provenance["verdict"]
     assert kept["bird_below"] == 0.5 and kept["find_below"] == 0.4 and kept["find_margin"] == 1.3
     assert kept["unsure_below"] > 1 / 3  # 3 classes: never under chance
@@ -254,7 +254,7 @@ def test_a_bird_head_round_trips_and_outranks_the_locator(located, tmp_path, pho
     torch.nn.init.constant_(model.bird.bias, -5.0)
     path = save_checkpoint(tmp_path / "head.safetensors", model, info.classes, info.preprocessing, info.provenance)
     loaded, loaded_info = load_checkpoint(path)
-    assert loaded_info.architecture["bird_head"] is True and float(loaded.bird.bias) == -5.0
+    assert loaded_info.architecture["bird_head"] is True and float(loaded.bird.bias.detach()) == -5.0
     (answer,) = Classifier(loaded, loaded_info, device="cpu").predict(photo, k=3)
     assert answer.verdict == "not_a_bird" and answer.bird == pytest.approx(float(torch.sigmoid(torch.tensor(-5.0))), abs=1e-5)
     loaded.locator = None  # the bird head alone still gives a bird score and its rules
