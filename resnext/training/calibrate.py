@@ -118,8 +118,8 @@ def rules_for_fine_tune(model, classes: list[str], pre, val: list, start_provena
     from ..transforms import load_image
 
     info = CheckpointInfo(model.config(), list(classes), pre, {"verdict": (start_provenance or {}).get("verdict")})
-    start = VerdictRules.from_provenance(info.provenance, len(classes), model.locator is not None or model.bird is not None)
     classifier = Classifier(model, info, device="cpu", fast=False)
+    start = classifier.rules  # the start model's, as its checkpoint records them
     photos = [load_image(p) for p, _ in val]
     if not photos:
         return VerdictRules(default_unsure(len(classes)), source="default (no validation photos)")
@@ -193,7 +193,7 @@ def refit_locator(classifier: Classifier, birds: list, negatives: list, factors=
 
     shots, boxes = _wider_shots(birds, factors)
     features = _conv5(classifier, shots + list(negatives), batch_size)  # (N, C, h, w)
-    n, c, cells = len(features), features.shape[1], features.shape[-1]
+    c, cells = features.shape[1], features.shape[-1]
     x = features.permute(0, 2, 3, 1).reshape(-1, c)  # one row per cell
     y = torch.cat([coverage(box, cells).flatten() for box in boxes] + [torch.zeros(len(negatives) * cells * cells)])
     w = torch.cat([torch.full((len(shots) * cells * cells,), 0.5 / len(shots)),
