@@ -5,6 +5,12 @@ forward pass. Here the backbone runs once without autograd; its conv5 activation
 that requires grad, and grad-cam drives only the head (pool + fc). For a global-pool + linear
 head the gradient reaching conv5 is the same either way, so the maps are identical to the naive
 ones, at the price of one small matrix product. The same activation also gives the prediction.
+
+Plain Grad-CAM, the default, needs no backward pass at all: behind a global average pool and a
+linear layer, the gradient of class k's logit is ``fc.weight[k] / (h * w)`` at every conv5 cell,
+so Grad-CAM's channel weights are known in closed form (the CAM of Zhou et al., 2016). It is
+computed so, then scaled with grad-cam's own function; the tests check it against grad-cam's
+naive full-model map. That saves grad-cam's hooks and autograd, about 1 ms per map on 2 cores.
 """
 
 from __future__ import annotations
@@ -90,6 +96,8 @@ def conv5_cams(
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget, FinerWeightedTarget
 
     cam_class = _cam_class(method, input_size)
+    if method.lower() == "gradcam":
+        return _gradcam_closed_form(model, features, targets, input_size)
     head = _Conv5Head(model)
     # One row per target; the leaf makes autograd stop here: backward runs through the head only.
     leaf = features.detach().float().repeat(len(targets), 1, 1, 1).requires_grad_()
@@ -102,6 +110,19 @@ def conv5_cams(
     with torch.enable_grad(), cam_class(head, target_layers=[head.conv5]) as cam:
         maps = cam(input_tensor=leaf, targets=cam_targets)
     return maps.astype(np.float32)
+
+
+def _gradcam_closed_form(model: nn.Module, features: Tensor, targets: list[int], input_size: tuple[int, int]) -> np.ndarray:
+    """Grad-CAM for a global-average-pool + linear head without autograd (see the module's text):
+    the same steps as grad-cam's ``GradCAM`` (ReLU, min-max scaling and resizing per map, then its
+    one-layer aggregation's second scaling), with the gradient written out."""
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    activation = features.detach().float()[0]  # (C, h, w)
+    cells = activation.shape[1] * activation.shape[2]
+    weights = model.fc.weight.detach().float()[list(targets)] / cells  # d logit_k / d A[c, y, x]
+    cams = torch.einsum("kc,chw->khw", weights, activation).clamp_min(0).cpu().numpy()
+    return scale_cam_image(scale_cam_image(cams, input_size)).astype(np.float32)
 
 
 def _closest_classes(logits: Tensor, target: int, count: int = 3) -> list[int]:
