@@ -125,14 +125,17 @@ def calibrate(raw: Path, data, splits: dict[str, list[Path]], out: Path, margins
     from .checkpoint import load_checkpoint, save_checkpoint
     from .evaluate import verdict_rates
     from .inference import Classifier
-    from .training.calibrate import choose_rules, fit_bird_head, negative_views, refit_locator, run_passes
+    from .training.calibrate import bird_shot_maps, choose_rules, fit_bird_head, negative_views, refit_locator, run_passes
     from .transforms import load_image, wider_shot
 
     model, info = load_checkpoint(raw)
     classifier = Classifier(model, info, device="cpu")
     birds, nonbirds, made_up = _refit_photos(data, splits)
-    refit = refit_locator(classifier, birds, nonbirds + made_up)
-    bird_head = fit_bird_head(classifier, birds, negative_views(nonbirds, views=8, seed=CONFIG.seed) + made_up)
+    bird_maps = bird_shot_maps(classifier, birds)  # the frozen network's view of them, for both fits
+    refit = refit_locator(classifier, birds, nonbirds + made_up, bird_maps=bird_maps)
+    bird_head = fit_bird_head(classifier, birds, negative_views(nonbirds, views=8, seed=CONFIG.seed) + made_up,
+                              bird_maps=bird_maps)
+    del bird_maps
     photos = [load_image(p) for p, _ in data.val]
     labels = torch.tensor([y for _, y in data.val])
     others = splits["other_species_val"]

@@ -215,6 +215,26 @@ def test_refit_locator_learns_to_tell_birds_from_empty_scenes():
     assert score([wider_shot(p, 3) for p in new_birds]).amax((1, 2)).mean() > score(new_empty).amax((1, 2)).mean()
 
 
+def test_both_fits_take_the_bird_maps_computed_once():
+    """The recipe computes the bird photos' conv5 maps once for both fits: the heads come out as
+    if each fit had computed them itself, and maps of the wrong count are refused."""
+    from resnext.training.calibrate import bird_shot_maps, fit_bird_head, refit_locator
+
+    scene = scenes(2)
+    birds, empty = [scene(True) for _ in range(8)], [scene(False) for _ in range(8)]
+    alone, shared = classifier_of(tiny_with_locator(0.0)), classifier_of(tiny_with_locator(0.0))
+    shared.model.load_state_dict(alone.model.state_dict())
+    maps = bird_shot_maps(shared, birds, factors=(1, 3))
+    assert maps.shape[:2] == (16, shared.model.num_features)
+    for fit in (refit_locator, fit_bird_head):
+        assert fit(alone, birds, empty, factors=(1, 3)) == fit(shared, birds, empty, factors=(1, 3), bird_maps=maps)
+    for name, head in (("locator", alone.model.locator), ("bird", alone.model.bird)):
+        other = getattr(shared.model, name)
+        assert torch.allclose(head.weight, other.weight, atol=1e-5) and torch.allclose(head.bias, other.bias, atol=1e-5)
+    with pytest.raises(ValueError, match="bird_maps has 16 maps; 8 photos x 3 framings"):
+        fit_bird_head(shared, birds, empty, factors=(1, 2, 3), bird_maps=maps)
+
+
 def test_fit_bird_head_adds_a_head_that_tells_birds_from_empty_scenes():
     """A model without a bird head gets one, fit on frozen pooled features; new "bird" photos
     (whole and at half the frame) then score above new empty scenes, and the answers' bird score
@@ -229,6 +249,7 @@ def test_fit_bird_head_adds_a_head_that_tells_birds_from_empty_scenes():
     assert len(views) == 48 and views[:1] == empty[:1] and all(v.width == v.height <= 64 for v in views[1:4])
     fit = fit_bird_head(classifier, [scene(True) for _ in range(24)], views, factors=(1, 2))
     assert fit["bird_photos"] == 48 and fit["negative_photos"] == 48
+    assert fit["loss"] < 0.1  # the loss it ends at: it starts from zero weights, at ln 2 = 0.693
     assert classifier.model.config()["bird_head"] is True
 
     def score(photos):

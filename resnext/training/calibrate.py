@@ -15,7 +15,7 @@ from torch import Tensor
 from ..inference import Classifier
 from ..verdict import VerdictRules, choose_unsure, default_unsure
 
-__all__ = ["Passes", "run_passes", "choose_rules", "combined", "fit_bird_head", "refit_locator", "rules_for_fine_tune"]
+__all__ = ["Passes", "run_passes", "choose_rules", "combined", "bird_shot_maps", "fit_bird_head", "refit_locator", "rules_for_fine_tune"]
 
 FIND_BELOW = (0.0, 0.15, 0.25, 0.35, 0.45, 0.55, 0.7)
 CROP_WEIGHTS = (0.25, 0.5, 0.75, 1.0)
@@ -150,52 +150,72 @@ def _conv5(classifier: Classifier, photos: list, batch_size: int = 32, pooled: b
 
 def _fit_logistic(x: Tensor, y: Tensor, w: Tensor, l2: float) -> tuple[Tensor, Tensor, float]:
     """Weighted logistic regression of targets ``y`` in [0, 1] on rows ``x``, standardised first;
-    a convex problem (L-BFGS), solved exactly. Returns the weight (C,) and bias () for the raw
-    rows (the standardisation folded in) and the final loss."""
+    a convex problem, solved with L-BFGS from zero (the result does not depend on the random
+    state). Returns the weight (C,) and bias () for the raw rows (the standardisation folded in)
+    and the final loss."""
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     z = (x - mean) / std
     head = torch.nn.Linear(x.shape[1], 1)
+    torch.nn.init.zeros_(head.weight)  # the same start every time
+    torch.nn.init.zeros_(head.bias)
     optimizer = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=200, history_size=20, line_search_fn="strong_wolfe")
+
+    def loss() -> Tensor:
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(head(z).squeeze(1), y, reduction="none")
+        return (bce * w).sum() / w.sum() + l2 * head.weight.pow(2).sum()
 
     def closure():
         optimizer.zero_grad()
-        bce = torch.nn.functional.binary_cross_entropy_with_logits(head(z).squeeze(1), y, reduction="none")
-        loss = (bce * w).sum() / w.sum() + l2 * head.weight.pow(2).sum()
-        loss.backward()
-        return loss
+        value = loss()
+        value.backward()
+        return value
 
     with torch.enable_grad():
-        final = float(optimizer.step(closure).detach())
+        optimizer.step(closure)  # returns the loss it started from
+    with torch.no_grad():
+        final = float(loss())
     weight = head.weight.detach()[0] / std
     return weight, head.bias.detach()[0] - (weight * mean).sum(), final
 
 
-def _wider_shots(birds: list, factors) -> tuple[list, list]:
-    """Every bird photo as given and as wider shots (the bird at 1/f of the frame), with the box
-    the photo covers in each, as fractions."""
+def bird_shot_maps(classifier: Classifier, birds: list, factors=(1, 2, 3), batch_size: int = 32) -> Tensor:
+    """The frozen network's conv5 maps of every bird photo as given and as wider shots (the bird at
+    1/f of the frame for each of ``factors``, photo by photo), (N * len(factors), C, h, w): what
+    :func:`refit_locator` and :func:`fit_bird_head` compute; give them ``bird_maps`` to do it once."""
     from ..transforms import wider_shot
 
-    boxes = [(0.5 - 0.5 / f, 0.5 - 0.5 / f, 0.5 + 0.5 / f, 0.5 + 0.5 / f) for f in factors]
-    return [wider_shot(p, f) if f > 1 else p for p in birds for f in factors], boxes * len(birds)
+    return _conv5(classifier, [wider_shot(p, f) if f > 1 else p for p in birds for f in factors], batch_size)
+
+
+def _given_or_computed(classifier: Classifier, birds: list, factors, batch_size: int, bird_maps: Tensor | None) -> Tensor:
+    if bird_maps is None:
+        return bird_shot_maps(classifier, birds, factors, batch_size)
+    if len(bird_maps) != len(birds) * len(factors):
+        raise ValueError(f"bird_maps has {len(bird_maps)} maps; {len(birds)} photos x {len(factors)} framings "
+                         f"= {len(birds) * len(factors)} expected (see bird_shot_maps)")
+    return bird_maps
 
 
 def refit_locator(classifier: Classifier, birds: list, negatives: list, factors=(1, 2, 3), l2: float = 1e-3,
-                  batch_size: int = 32) -> dict:
+                  batch_size: int = 32, bird_maps: Tensor | None = None) -> dict:
     """Fit the locator head again on the trained network's frozen conv5 features, with the bird
     photos and the photos without a bird weighted equally.
 
     During training the locator sees far more bird cells than empty ones (a batch is mostly birds)
     and leans towards "bird"; here every bird photo is also shown as wider shots (``factors``),
     and each conv5 cell is one example whose target is the covered fraction of the cell (zero for
-    every cell of a negative). Changes ``classifier.model.locator`` in place; returns the fit's numbers.
+    every cell of a negative). ``bird_maps``: :func:`bird_shot_maps` of ``birds``, if at hand.
+    Changes ``classifier.model.locator`` in place; returns the fit's numbers.
     """
     from .augment import coverage
 
-    shots, boxes = _wider_shots(birds, factors)
-    features = _conv5(classifier, shots + list(negatives), batch_size)  # (N, C, h, w)
-    c, cells = features.shape[1], features.shape[-1]
-    x = features.permute(0, 2, 3, 1).reshape(-1, c)  # one row per cell
-    y = torch.cat([coverage(box, cells).flatten() for box in boxes] + [torch.zeros(len(negatives) * cells * cells)])
+    shots = _given_or_computed(classifier, birds, factors, batch_size, bird_maps)
+    negative_maps = _conv5(classifier, list(negatives), batch_size)
+    c, cells = shots.shape[1], shots.shape[-1]
+    x = torch.cat([shots, negative_maps]).permute(0, 2, 3, 1).reshape(-1, c)  # one row per cell
+    # The photo covers the middle 1/f of a wider shot: each cell's target is the share of it covered.
+    covered = [coverage((0.5 - 0.5 / f, 0.5 - 0.5 / f, 0.5 + 0.5 / f, 0.5 + 0.5 / f), cells).flatten() for f in factors]
+    y = torch.cat(covered * len(birds) + [torch.zeros(len(negatives) * cells * cells)])
     w = torch.cat([torch.full((len(shots) * cells * cells,), 0.5 / len(shots)),
                    torch.full((len(negatives) * cells * cells,), 0.5 / len(negatives))])
     weight, bias, final = _fit_logistic(x, y, w, l2)
@@ -225,17 +245,18 @@ def negative_views(photos: list, views: int = 8, seed: int = 0) -> list:
 
 
 def fit_bird_head(classifier: Classifier, birds: list, negatives: list, factors=(1, 2, 3), l2: float = 1e-3,
-                  batch_size: int = 32) -> dict:
+                  batch_size: int = 32, bird_maps: Tensor | None = None) -> dict:
     """Fit the network's ``bird`` head (added if missing) on its frozen, pooled conv5 features:
     bird photos as given and as wider shots against photos with no bird (pass them through
     :func:`negative_views` for more framings), the two sides weighted equally.
 
     Measured for model v4's recipe on held-out photos, at the threshold that lets 1% of held-out
     birds through: it caught more non-birds than the locator's best cell did (see the model card).
-    Changes ``classifier.model`` in place; returns the fit's numbers.
+    ``bird_maps``: :func:`bird_shot_maps` of ``birds``, if at hand. Changes ``classifier.model`` in
+    place; returns the fit's numbers.
     """
-    shots, _ = _wider_shots(birds, factors)
-    x = _conv5(classifier, shots + list(negatives), batch_size, pooled=True)
+    shots = _given_or_computed(classifier, birds, factors, batch_size, bird_maps).mean(dim=(2, 3))
+    x = torch.cat([shots, _conv5(classifier, list(negatives), batch_size, pooled=True)])
     y = torch.cat([torch.ones(len(shots)), torch.zeros(len(negatives))])
     w = torch.cat([torch.full((len(shots),), 0.5 / len(shots)), torch.full((len(negatives),), 0.5 / len(negatives))])
     weight, bias, final = _fit_logistic(x, y, w, l2)
