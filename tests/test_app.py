@@ -67,6 +67,20 @@ def test_unsure_predictions_say_so(registry, photo, monkeypatch):
     assert "Not sure" not in answers.classify(classifier, photo, 3).caption
 
 
+def test_the_species_is_the_heading_only_when_the_model_is_sure(registry, photo, monkeypatch):
+    classifier = registry.get()
+    monkeypatch.setattr(classifier, "rules", VerdictRules(unsure_below=1.0))
+    unsure = answers.page_label(answers.classify(classifier, photo, 3))
+    assert unsure.show_heading is False and unsure.label.startswith("Not sure")
+    assert len(unsure.value["confidences"]) == 3  # the closest species are still listed
+    monkeypatch.setattr(classifier, "rules", VerdictRules(unsure_below=0.0))
+    sure = answers.page_label(answers.classify(classifier, photo, 3))
+    assert sure.show_heading is True and sure.label == "Prediction"
+    assert sure.value["label"] == sure.value["confidences"][0]["label"]
+    empty = answers.page_label()
+    assert empty.value == {} and empty.label == "Prediction" and empty.show_heading is True
+
+
 def test_not_a_bird_is_said_instead_of_a_species(registry, photo, monkeypatch):
     classifier = registry.get()
     locator = torch.nn.Conv2d(classifier.model.num_features, 1, 1)

@@ -20,6 +20,7 @@ MAX_PHOTO_SIDE = 1280  # photos are shrunk to this for display and heatmaps (the
 TOP3_SIDE = 480  # the top-3 tiles are small: no need to send 1280 px copies
 KEEP_FILES_S = 3600  # CSVs and images served to a visitor are deleted after an hour
 TOP1 = "Top-1 prediction"
+PREDICTION = "Prediction"  # the answer box's title
 METHOD_NAMES = {
     "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM", "layercam": "LayerCAM",
     "hirescam": "HiResCAM", "eigencam": "Eigen-CAM", "finercam": "Finer-CAM (contrast with look-alikes)",
@@ -96,13 +97,23 @@ def classify(classifier: Classifier, image, top_k: int = 5, target: str | None =
     return Shown(label, main.overlay_with(opacity), gallery, "\n\n".join(lines), main)
 
 
+def page_label(shown: Shown | None = None) -> gr.Label:
+    """The Prediction box for an answer (empty without one). The species is its heading only when
+    the verdict is "species": a "not sure" answer lists its closest species under a title that
+    says so, with no name in large type to be read as the answer."""
+    unsure = shown is not None and shown.explanation.verdict == "unsure"
+    return gr.Label(value=None if shown is None else shown.label, show_heading=not unsure,
+                    label="Not sure: the closest species" if unsure else PREDICTION)
+
+
 def caption_lines(classifier: Classifier, main) -> list[str]:
     """The verdict in words, which box was used, and what the heatmap shows."""
     lines = [verdict_message(classifier, main.predictions)] if main.verdict != "species" else []
     if main.boxed:
         lines.append("I looked only inside the box you drew (green).")
     elif main.found:
-        lines.append("The bird looked small, so I also looked closer at the boxed part of the photo (the green box).")
+        what = "The bird" if main.verdict == "species" else "What looked most like a bird"  # there may be none
+        lines.append(f"{what} was small in the photo, so I also looked closer at it (the green box).")
     method = METHOD_NAMES.get(main.method, main.method)
     if main.method in CLASS_FREE:
         lines.append(f"What the network's conv5 features respond to most strongly ({method}: the same map "

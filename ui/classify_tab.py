@@ -10,7 +10,7 @@ import gradio as gr
 
 from resnext import display_name
 
-from .answers import BATCH_HEADERS, METHOD_NAMES, TOP1, classify, reblend
+from .answers import BATCH_HEADERS, METHOD_NAMES, PREDICTION, TOP1, classify, page_label, reblend
 from .context import Ctx, example_species, examples, knows_examples
 from .fixes import Unreadable, photo_input
 
@@ -44,7 +44,7 @@ class ClassifyTab:
     example_gallery: gr.Gallery
 
     def cleared(self) -> dict:
-        return {self.label: None, self.overlay: None, self.caption: "", self.explanation: None,
+        return {self.label: page_label(), self.overlay: None, self.caption: "", self.explanation: None,
                 self.top3_row: gr.Row(visible=False)}
 
 
@@ -60,7 +60,7 @@ def build(ctx: Ctx) -> ClassifyTab:
                 button = gr.Button("Classify", variant="primary", elem_id="classify", min_width=120)
                 clear_box = gr.Button("Use the whole photo", size="sm", visible=False, elem_id="clear-box", min_width=120)
         with gr.Column(scale=1, min_width=300, elem_id="answer"):
-            label = gr.Label(label="Prediction", show_heading=True, elem_id="prediction")
+            label = gr.Label(label=PREDICTION, show_heading=True, elem_id="prediction")
             caption = gr.Markdown(elem_id="caption")
             overlay = gr.Image(label="Where the model looked (conv5)", type="numpy", interactive=False, height=400,
                                elem_id="overlay", buttons=["download", "fullscreen"])
@@ -107,7 +107,7 @@ def answer(ctx: Ctx, tab: ClassifyTab, name, owner, image, k, target, method, op
         gr.Warning(f"That file cannot be used: {image.reason}.")
         return {**tab.cleared(), tab.photo: None, tab.box: None}
     shown = classify(ctx.registry.get(name, owner), image, k, target, method, opacity, box=box)
-    return {tab.label: shown.label, tab.overlay: shown.overlay, tab.caption: shown.caption,
+    return {tab.label: page_label(shown), tab.overlay: shown.overlay, tab.caption: shown.caption,
             tab.explanation: shown.explanation, tab.top3_row: gr.Row(visible=True),
             **{tile: img for tile, (img, _) in zip(tab.top3, shown.top3)},
             **{cap: text for cap, (_, text) in zip(tab.top3_captions, shown.top3)}}
