@@ -93,11 +93,11 @@ def conv5_cams(
     Returns:
         (len(targets), height, width) float32 maps in [0, 1].
     """
+    if method.lower() == "gradcam":
+        return _gradcam_closed_form(model, features, targets, input_size)
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget, FinerWeightedTarget
 
     cam_class = _cam_class(method, input_size)
-    if method.lower() == "gradcam":
-        return _gradcam_closed_form(model, features, targets, input_size)
     head = _Conv5Head(model)
     # One row per target; the leaf makes autograd stop here: backward runs through the head only.
     leaf = features.detach().float().repeat(len(targets), 1, 1, 1).requires_grad_()
