@@ -124,7 +124,7 @@ def _predict(args: argparse.Namespace) -> int:
             print(f"error: {err}", file=sys.stderr)
             results.append({"image": path, "error": str(err)})
             continue
-        result = {"image": path, **predictions.to_dict(), "predictions": [p._asdict() for p in predictions]}
+        result = {"image": path, **predictions.to_dict()}
         if cam_dir:
             result["cam"] = str(out)
         results.append(result)

@@ -46,12 +46,14 @@ class Answer(list):
         self.verdict, self.bird, self.box, self.found, self.boxed = verdict, bird, tuple(box), found, boxed
 
     def to_dict(self) -> dict:
+        """The answer as plain data: what the CLI's ``--json`` and the app's ``/answer`` give."""
         return {
             "verdict": self.verdict,
             "bird": None if self.bird is None else round(self.bird, 4),
             "box": [round(v, 1) for v in self.box],
             "found_bird": self.found,
             "boxed": self.boxed,
+            "predictions": [p._asdict() for p in self],
         }
 
 

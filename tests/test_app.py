@@ -81,6 +81,22 @@ def test_the_species_is_the_heading_only_when_the_model_is_sure(registry, photo,
     assert empty.value == {} and empty.label == "Prediction" and empty.show_heading is True
 
 
+def test_the_answer_as_data_has_the_verdict_and_the_box_in_the_given_photos_pixels(registry, monkeypatch):
+    classifier = registry.get()
+    big = np.random.default_rng(1).integers(0, 255, (1800, 2400, 3), dtype=np.uint8)  # shrunk to 1280 px inside
+    monkeypatch.setattr(classifier, "rules", VerdictRules(unsure_below=1.0))
+    record = answers.answer_record(classifier, big, 3)
+    assert record["verdict"] == "unsure" and record["found_bird"] is False and record["boxed"] is False
+    assert [p["label"] for p in record["predictions"]] == [p.label for p in classifier.predict(big, k=3)[0]]
+    seen = classifier.preprocessing.crop_box(2400, 1800)  # the centre crop the network saw, in the photo given
+    assert record["box"] == pytest.approx(list(seen), abs=2) and seen[2] - seen[0] > 1280
+    monkeypatch.setattr(classifier, "rules", VerdictRules(unsure_below=0.0))
+    assert answers.answer_record(classifier, big, 99)["verdict"] == "species"
+    assert len(answers.answer_record(classifier, big, 99)["predictions"]) == len(classifier.classes)
+    with pytest.raises(gr.Error, match="Add a photo first"):
+        answers.answer_record(classifier, None)
+
+
 def test_not_a_bird_is_said_instead_of_a_species(registry, photo, monkeypatch):
     classifier = registry.get()
     locator = torch.nn.Conv2d(classifier.model.num_features, 1, 1)
@@ -263,7 +279,7 @@ def test_build_demo_without_launching(registry):
     demo = ui.build_demo(registry)
     assert isinstance(demo, gr.Blocks)
     public = {d.get("api_name") for d in demo.config["dependencies"] if d.get("api_visibility", "public") == "public"}
-    assert public == {"classify", "classify_many", "fine_tune"}
+    assert public == {"classify", "answer", "classify_many", "fine_tune"}
 
 
 def test_output_images_are_cached_once_never_rewritten_in_place(tmp_path):

@@ -236,6 +236,17 @@ def test_4_a_visitors_models_are_theirs_alone(browser, server, tmp_path):
         theirs.context.close()
 
 
+def test_the_answer_endpoint_gives_the_verdict_with_the_same_top_k_as_classify(server, tmp_path):
+    from gradio_client import Client, handle_file
+
+    client, image = Client(server, verbose=False), handle_file(str(photo(tmp_path, size=(600, 300))))
+    record = client.predict(image, 3, api_name="/answer")
+    label, _ = client.predict(image, 3, api_name="/classify")
+    assert record["verdict"] in {"species", "unsure", "not_a_bird"} and set(record) >= {"bird", "box", "found_bird"}
+    assert [p["label"].replace("_", " ") for p in record["predictions"]] == [c["label"] for c in label["confidences"]]
+    assert record["box"] == [166.7, 16.7, 433.3, 283.3]  # the centre crop (64/72 of the short side) of the 600x300 upload
+
+
 def test_4_a_trained_model_is_selected_at_once_and_hides_the_bird_examples(page, tmp_path):
     page.locator("#examples").get_by_text("Blue Jay").wait_for(timeout=30_000)  # captions under the examples (8)
     train(page, shapes_zip(tmp_path), "my shapes")

@@ -78,7 +78,7 @@ def classify(classifier: Classifier, image, top_k: int = 5, target: str | None =
     (left, top, right, bottom) in the uploaded photo's pixels, to look only there.
     ``top3=False`` leaves the top-3 overlays undrawn, for callers that drop them."""
     photo, scale = open_photo(image)
-    k = max(1, min(int(top_k), len(classifier.classes)))
+    k = _top_k(classifier, top_k)
     chosen = None if target in (None, "", TOP1) else target
     start = time.perf_counter()
     try:
@@ -95,6 +95,18 @@ def classify(classifier: Classifier, image, top_k: int = 5, target: str | None =
     lines.append(f"<span class='small-print'>{elapsed:.0f} ms · {classifier.device.type.upper()} · "
                  f"{classifier.fast_path}</span>")
     return Shown(label, main.overlay_with(opacity), gallery, "\n\n".join(lines), main)
+
+
+def answer_record(classifier: Classifier, image, top_k: int = 5) -> dict:
+    """One photo's answer as data, as ``python -m resnext predict --json`` gives it: the verdict,
+    the bird score, the box classified (in the given photo's pixels) and the top-k. No heatmap."""
+    photo, scale = open_photo(image)
+    (answer,) = classifier.predict(photo, k=_top_k(classifier, top_k))
+    return {**answer.to_dict(), "box": [round(v / scale, 1) for v in answer.box]}
+
+
+def _top_k(classifier: Classifier, top_k) -> int:
+    return max(1, min(int(top_k), len(classifier.classes)))
 
 
 def page_label(shown: Shown | None = None) -> gr.Label:

@@ -2,6 +2,8 @@
 functions. Everything else in the UI is private (``api_visibility="private"``).
 
 - ``/classify(image, top_k) -> ({species: probability}, overlay)``: the default model.
+- ``/answer(image, top_k) -> {verdict, bird, box, found_bird, boxed, predictions}``: the default
+  model's answer as data, the verdict included (the CLI's ``--json`` record); no heatmap.
 - ``/classify_many(files) -> (table, csv)``: the calling session's model (the default for a client).
 - ``/fine_tune(zip, mode, epochs, name) -> (status, model file)``: starts from the default model and
   shares the one training slot with the Train button. The new model belongs to the calling
@@ -14,7 +16,7 @@ import re
 
 import gradio as gr
 
-from .answers import classify, classify_many
+from .answers import answer_record, classify, classify_many
 from .classify_tab import ClassifyTab
 from .context import Ctx
 from .finetune_tab import FineTuneTab
@@ -29,6 +31,13 @@ def api_classify(ctx: Ctx, image, top_k):
         raise gr.Error(f"That file cannot be used: {image.reason}.")
     shown = classify(ctx.registry.get(), image, top_k, top3=False)  # the top-3 are not returned: not drawn
     return shown.label, shown.overlay
+
+
+def api_answer(ctx: Ctx, image, top_k) -> dict:
+    """One photo (file) and top_k -> the answer as data, verdict included."""
+    if isinstance(image, Unreadable):
+        raise gr.Error(f"That file cannot be used: {image.reason}.")
+    return answer_record(ctx.registry.get(), image, top_k)
 
 
 def api_classify_many(ctx: Ctx, name, owner, files):
@@ -58,6 +67,9 @@ def register(ctx: Ctx, classify_tab: ClassifyTab, fine_tune: FineTuneTab) -> Non
     def classify_endpoint(image, k):
         return api_classify(ctx, image, k)
 
+    def answer_endpoint(image, k):
+        return api_answer(ctx, image, k)
+
     def classify_many_endpoint(name, session, files):
         return api_classify_many(ctx, name, session, files)
 
@@ -66,6 +78,7 @@ def register(ctx: Ctx, classify_tab: ClassifyTab, fine_tune: FineTuneTab) -> Non
 
     gr.Button(visible=False).click(classify_endpoint, [tab.photo, ctx.top_k], [tab.label, tab.overlay],
                                    api_name="classify")
+    gr.Button(visible=False).click(answer_endpoint, [tab.photo, ctx.top_k], gr.JSON(visible=False), api_name="answer")
     tab.many_button.click(classify_many_endpoint, [ctx.model_name, ctx.session, tab.many], [tab.table, tab.csv_file],
                           api_name="classify_many")
     status, model_file = gr.Textbox(visible=False), gr.File(visible=False)
