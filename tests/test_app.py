@@ -95,6 +95,9 @@ def test_the_answer_as_data_has_the_verdict_and_the_box_in_the_given_photos_pixe
     assert len(answers.answer_record(classifier, big, 99)["predictions"]) == len(classifier.classes)
     with pytest.raises(gr.Error, match="Add a photo first"):
         answers.answer_record(classifier, None)
+    for answer in (answers.answer_record, answers.classify):  # the API's two photo endpoints
+        with pytest.raises(gr.Error, match="That file cannot be used: this is text, not a photo"):
+            answer(classifier, Unreadable("this is text, not a photo"))
 
 
 def test_not_a_bird_is_said_instead_of_a_species(registry, photo, monkeypatch):

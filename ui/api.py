@@ -20,23 +20,18 @@ from .answers import answer_record, classify, classify_many
 from .classify_tab import ClassifyTab
 from .context import Ctx
 from .finetune_tab import FineTuneTab
-from .fixes import Unreadable
 from .state import new_owner, valid_owner
 from .training import TrainRequest, run_training
 
 
 def api_classify(ctx: Ctx, image, top_k):
     """One photo (file) and top_k -> {species: probability} and the conv5 Grad-CAM overlay."""
-    if isinstance(image, Unreadable):
-        raise gr.Error(f"That file cannot be used: {image.reason}.")
     shown = classify(ctx.registry.get(), image, top_k, top3=False)  # the top-3 are not returned: not drawn
     return shown.label, shown.overlay
 
 
 def api_answer(ctx: Ctx, image, top_k) -> dict:
     """One photo (file) and top_k -> the answer as data, verdict included."""
-    if isinstance(image, Unreadable):
-        raise gr.Error(f"That file cannot be used: {image.reason}.")
     return answer_record(ctx.registry.get(), image, top_k)
 
 
