@@ -18,6 +18,7 @@ Floating-point weights are stored as fp16 (half the file) and loaded back into f
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import tempfile
@@ -29,11 +30,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .model import ResNeXt, build_model
+from .model import ResNeXt, architecture_cost, build_model
 from .transforms import Preprocessing
+from .verdict import VerdictRules
 
 __all__ = [
     "CheckpointInfo",
+    "CheckpointLimits",
     "FORMAT_VERSION",
     "MAX_HEADER_BYTES",
     "from_torchvision",
@@ -46,7 +49,28 @@ __all__ = [
 FORMAT_VERSION = 1
 METADATA_KEY = "resnext"
 # A ResNeXt-101's header is ~60 kB; a 100-class list adds a few kB. Anything far larger is not ours.
-MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_HEADER_BYTES = 4 * 1024 * 1024
+STORED_DTYPES = {"F16": 2, "BF16": 2, "F32": 4}  # what a floating-point weight may be stored as
+
+
+@dataclass(frozen=True)
+class CheckpointLimits:
+    """What a checkpoint may declare. A file is checked against these before anything is built
+    from it: its metadata alone (a few hundred bytes) could otherwise ask for a network of
+    terabytes. Every real ResNeXt passes: torchvision's resnext101_32x8d with 1,000 classes at
+    448 px is 89 M parameters and 66 G multiply-accumulates per image."""
+
+    max_blocks: int = 64  # per stage (ResNet-152's conv4 has 36)
+    max_cardinality: int = 256
+    max_group_depth: int = 512
+    max_stem_width: int = 256
+    max_classes: int = 25_000  # ImageNet-21k has 21,843
+    max_class_name: int = 200  # characters
+    max_parameters: int = 200_000_000
+    max_macs: int = 100_000_000_000  # per image, at the checkpoint's input size
+
+
+LIMITS = CheckpointLimits()
 
 
 @dataclass
@@ -116,39 +140,117 @@ def save_checkpoint(
     return path
 
 
-def read_metadata(path: str | os.PathLike) -> CheckpointInfo:
-    """Read and validate a checkpoint's metadata without loading its weights.
+def read_metadata(path: str | os.PathLike, limits: CheckpointLimits = LIMITS) -> CheckpointInfo:
+    """Read and validate a checkpoint's metadata without loading its weights: every declared
+    number is checked for its type and against ``limits``, and the verdict rules it carries are
+    read, so a file that passes can be built without surprises.
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: not a safetensors file, a damaged header, or missing/malformed metadata.
+        ValueError: not a safetensors file, a damaged header, missing or malformed metadata, or a
+            declared size over a limit; the message names the field and the limit.
     """
     path = Path(path)
-    header = _read_header(path)
-    raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
+    return _parse_metadata(path, _read_header(path), limits)
+
+
+def _parse_metadata(path: Path, header: dict, limits: CheckpointLimits) -> CheckpointInfo:
+    raw = (header.get("__metadata__") or {}).get(METADATA_KEY) if isinstance(header.get("__metadata__"), dict) else None
     if raw is None:
         raise ValueError(f"{path}: safetensors file has no '{METADATA_KEY}' metadata; not a checkpoint of this project")
     try:
-        data = json.loads(raw)
-        if data.get("format") != FORMAT_VERSION:
-            raise ValueError(f"unsupported format version {data.get('format')!r}")
-        classes = data["classes"]
-        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-            raise ValueError("'classes' must be a list of strings")
-        info = CheckpointInfo(
-            architecture=dict(data["architecture"]),
-            classes=classes,
-            preprocessing=Preprocessing.from_dict(data["preprocessing"]),
-            provenance=dict(data.get("provenance") or {}),
-        )
-        if info.architecture.get("num_classes") != len(classes):
-            raise ValueError(
-                f"{len(classes)} class names for {info.architecture.get('num_classes')!r} outputs"
-            )
+        data = _json(raw)
+        if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
+            raise ValueError(f"unsupported format version {data.get('format') if isinstance(data, dict) else data!r}")
+        architecture = _check_architecture(data["architecture"], limits)
+        classes = _check_classes(data["classes"], architecture["num_classes"], limits)
+        if not isinstance(data["preprocessing"], dict):
+            raise ValueError("'preprocessing' must be an object")
+        info = CheckpointInfo(architecture, classes, Preprocessing.from_dict(data["preprocessing"]),
+                              _check_provenance(data.get("provenance") or {}))
+        _check_cost(architecture, info.preprocessing.input_size, limits)
+        VerdictRules.from_provenance(info.provenance, len(classes), architecture.get("locator") or architecture.get("bird_head"))
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         detail = f"missing field {err}" if isinstance(err, KeyError) else str(err)
         raise ValueError(f"{path}: malformed checkpoint metadata: {detail}") from None
     return info
+
+
+def _json(text) -> object:
+    """JSON from a string a stranger wrote: no NaN or infinity, no nesting deep enough to crash."""
+    def no_constants(name):
+        raise ValueError(f"{name} is not a number a checkpoint may hold")
+
+    try:
+        return json.loads(text, parse_constant=no_constants)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _integer(name: str, value, low: int, high: int) -> int:
+    if type(value) is not int or not low <= value <= high:  # not bool, not 1e300, not "3"
+        raise ValueError(f"{name} must be an integer from {low} to {high:,}, got {str(value)[:40]}")
+    return value
+
+
+def _check_architecture(arch, limits: CheckpointLimits) -> dict:
+    """The architecture block, its types and sizes checked; returns a copy."""
+    if not isinstance(arch, dict):
+        raise ValueError("'architecture' must be an object")
+    arch = dict(arch)
+    known = {"layers", "cardinality", "group_depth", "num_classes", "stem_width", "locator", "bird_head"}
+    if set(arch) - known:
+        raise ValueError(f"unknown architecture fields {sorted(str(f)[:40] for f in set(arch) - known)[:5]}")
+    layers = arch.get("layers")
+    if not isinstance(layers, list) or len(layers) != 4:
+        raise ValueError(f"layers must be a list of 4 block counts (conv2..conv5), got {str(layers)[:60]}")
+    for i, blocks in enumerate(layers):
+        _integer(f"layers[{i}] (blocks of conv{i + 2})", blocks, 1, limits.max_blocks)
+    for name, high in (("cardinality", limits.max_cardinality), ("group_depth", limits.max_group_depth),
+                       ("num_classes", limits.max_classes), ("stem_width", limits.max_stem_width)):
+        if name in arch or name != "stem_width":
+            _integer(name, arch.get(name), 1, high)
+    for name in ("locator", "bird_head"):
+        if not isinstance(arch.get(name, False), bool):
+            raise ValueError(f"{name} must be true or false, got {str(arch[name])[:40]}")
+    return arch
+
+
+def _check_cost(arch: dict, input_size: int, limits: CheckpointLimits) -> None:
+    params, macs = architecture_cost(arch, input_size)
+    if params > limits.max_parameters:
+        raise ValueError(f"the architecture has {params:,} parameters; the limit is {limits.max_parameters:,}")
+    if macs > limits.max_macs:
+        raise ValueError(f"the architecture needs {macs:,} multiply-accumulates per image at {input_size} px; "
+                         f"the limit is {limits.max_macs:,}")
+
+
+def _check_classes(classes, num_classes: int, limits: CheckpointLimits) -> list[str]:
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise ValueError("'classes' must be a list of strings")
+    if len(classes) != num_classes:
+        raise ValueError(f"{len(classes)} class names for {num_classes} outputs")
+    for c in classes:
+        if not 1 <= len(c) <= limits.max_class_name:
+            raise ValueError(f"class name {c[:40]!r} must have 1 to {limits.max_class_name} characters")
+    if len(set(classes)) != len(classes):
+        twice = sorted({c for c in classes if classes.count(c) > 1})[:3]
+        raise ValueError(f"class names are not unique: {twice}")
+    return classes
+
+
+def _check_provenance(provenance) -> dict:
+    """Where a model comes from. Free-form, but the numbers the app shows must be numbers."""
+    if not isinstance(provenance, dict):
+        raise ValueError("'provenance' must be an object")
+    metrics = provenance.get("metrics")
+    if metrics is not None and not isinstance(metrics, dict):
+        raise ValueError("provenance 'metrics' must be an object")
+    for name, value in (metrics or {}).items():
+        if name in ("val_acc", "test_top1", "test_top5", "unsure_below") and value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
+            raise ValueError(f"provenance metrics.{name} must be a number from 0 to 1, got {str(value)[:40]!r}")
+    return dict(provenance)
 
 
 def _read_header(path: Path) -> dict:
@@ -167,52 +269,68 @@ def _read_header(path: Path) -> dict:
                 f"file has {size:,})"
             )
         try:
-            header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError(f"{path}: not a safetensors file (header is not JSON)") from None
+            header = _json(f.read(length))
+        except (UnicodeDecodeError, ValueError) as err:
+            raise ValueError(f"{path}: not a safetensors file (header is not JSON we accept: {err})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: not a safetensors file (header is not a JSON object)")
     return header
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[ResNeXt, CheckpointInfo]:
+def load_checkpoint(path: str | os.PathLike, limits: CheckpointLimits = LIMITS) -> tuple[ResNeXt, CheckpointInfo]:
     """Rebuild the model (fp32, eval mode, on the CPU) and its metadata from ``path``.
+
+    Nothing is allocated before the metadata has passed :func:`read_metadata`'s checks and every
+    tensor the header declares has the name, shape and dtype the architecture needs.
 
     Raises:
         FileNotFoundError: no file at ``path``.
         ValueError: anything wrong with the file: not safetensors, truncated, malformed
-            metadata, or tensors that do not fit the architecture it declares.
+            metadata, a size over ``limits``, or tensors that do not fit the architecture it declares.
     """
     path = Path(path)
-    info = read_metadata(path)
-    try:
-        model = build_model(info.architecture)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{path}: bad architecture in metadata: {err}") from None
+    header = _read_header(path)
+    info = _parse_metadata(path, header, limits)
+    with torch.device("meta"):  # shapes only: no memory is allocated
+        expected = {k: tuple(v.shape) for k, v in build_model(info.architecture).state_dict().items()
+                    if not k.endswith("num_batches_tracked")}
+    _check_declared_tensors(path, header, expected)
+    model = build_model(info.architecture)
     try:
         tensors = load_file(path)
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path}: damaged safetensors file ({err})") from None
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{path}: tensor {name} holds NaN or infinite values")
+    model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    return model.eval(), info
 
-    expected = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+
+def _check_declared_tensors(path: Path, header: dict, expected: dict[str, tuple]) -> None:
+    """The header's tensor table against the architecture: names, shapes, dtypes and byte ranges."""
+    declared = {k: v for k, v in header.items() if k != "__metadata__"}
+    missing = sorted(set(expected) - set(declared))
+    unexpected = sorted(set(declared) - set(expected))
     if missing or unexpected:
         raise ValueError(
             f"{path}: weights do not match the architecture "
             f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
+            f"unexpected {[u[:60] for u in unexpected[:3]]}{'...' if len(unexpected) > 3 else ''})"
         )
-    for name, tensor in tensors.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(
-                f"{path}: tensor {name} has shape {tuple(tensor.shape)}, "
-                f"the architecture needs {tuple(expected[name].shape)}"
-            )
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"{path}: tensor {name} holds NaN or infinite values")
-    model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
-    return model.eval(), info
+    for name, entry in declared.items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not isinstance(shape, list) or tuple(shape) != expected[name]:
+            shown = str(tuple(shape) if isinstance(shape, list) else shape)[:60]
+            raise ValueError(f"{path}: tensor {name} has shape {shown}, the architecture needs {expected[name]}")
+        size = STORED_DTYPES.get(entry.get("dtype"))
+        if size is None:
+            raise ValueError(f"{path}: tensor {name} is stored as {str(entry.get('dtype'))[:20]}; "
+                             f"weights must be one of {sorted(STORED_DTYPES)}")
+        offsets = entry.get("data_offsets")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or offsets[1] - offsets[0] != math.prod(shape) * size):
+            raise ValueError(f"{path}: tensor {name} declares {str(offsets)[:60]} as its bytes, which do not fit its shape")
 
 
 # torchvision's name prefix -> ours. ``layerN`` is the article's ``conv{N+1}`` stage.

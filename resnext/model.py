@@ -21,6 +21,7 @@ __all__ = [
     "resnext101_32x8d",
     "resnext_tiny",
     "build_model",
+    "architecture_cost",
 ]
 
 # A stage's output width is EXPANSION * stem_width * 2**stage, as in the article's Table 1:
@@ -265,3 +266,37 @@ def resnext101_32x8d(num_classes: int = 1000) -> ResNeXt:
 def resnext_tiny(num_classes: int = 10) -> ResNeXt:
     """A ResNeXt of about 94k parameters with every feature of the big ones, for tests."""
     return ResNeXt((1, 1, 1, 1), cardinality=4, group_depth=2, num_classes=num_classes, stem_width=8)
+
+
+def _halve(side: int) -> int:
+    """A 3x3 (or 7x7, or 1x1 shortcut) convolution or pooling of stride 2 with the usual padding."""
+    return (side - 1) // 2 + 1
+
+
+def architecture_cost(config: dict, input_size: int) -> tuple[int, int]:
+    """(parameters, multiply-accumulates per image at ``input_size``) of the network that
+    :func:`build_model` would make from ``config``, counted from the numbers alone, without
+    building anything: a checkpoint's declared size is checked against a budget with this first.
+    Batch-norm buffers are not parameters and are not counted (as in ``model.parameters()``).
+    """
+    layers, card, depth = config["layers"], config["cardinality"], config["group_depth"]
+    stem, classes = config.get("stem_width", 64), config["num_classes"]
+    side = _halve(input_size)  # conv1's 7x7/2
+    params, macs = 3 * 49 * stem + 2 * stem, side * side * stem * 3 * 49
+    side = _halve(side)  # the stem's 3x3/2 max-pool
+    in_ch = stem
+    for i, blocks in enumerate(layers):
+        width, out_ch = card * depth * 2**i, EXPANSION * stem * 2**i
+        for b in range(blocks):
+            out_side = _halve(side) if (i > 0 and b == 0) else side
+            grouped = width * (width // card) * 9
+            params += in_ch * width + grouped + width * out_ch + 4 * width + 2 * out_ch
+            macs += side * side * in_ch * width + out_side * out_side * (grouped + width * out_ch)
+            if out_side != side or in_ch != out_ch:  # the projection shortcut
+                params += in_ch * out_ch + 2 * out_ch
+                macs += out_side * out_side * in_ch * out_ch
+            in_ch, side = out_ch, out_side
+    params += in_ch * classes + classes
+    macs += in_ch * classes
+    params += (in_ch + 1) * (bool(config.get("locator")) + bool(config.get("bird_head")))
+    return params, macs

@@ -9,6 +9,7 @@ original photo, so the box is also exactly where a Grad-CAM map belongs on the p
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from dataclasses import asdict, dataclass
@@ -34,6 +35,9 @@ ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 # Refuse anything larger before decoding it: 64 MP covers every camera photo; a "decompression
 # bomb" (a small file declaring 100k x 100k pixels) would need 30 GB of memory once decoded.
 MAX_PIXELS = 64_000_000
+# The largest network input a checkpoint may ask for: 4.7x the usual 224 px per side. An input of
+# 6,000 px made a tiny model cost 1.8 GB and 8 s per answer.
+MAX_INPUT_SIZE = 1024
 
 _INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
@@ -187,17 +191,20 @@ class Preprocessing:
     interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.input_size, int) or self.input_size < 8:
-            raise ValueError(f"input_size must be an integer >= 8, got {self.input_size!r}")
-        if not isinstance(self.resize, int) or self.resize < self.input_size:
-            raise ValueError(f"resize must be an integer >= input_size ({self.input_size}), got {self.resize!r}")
+        if type(self.input_size) is not int or not 8 <= self.input_size <= MAX_INPUT_SIZE:
+            raise ValueError(f"input_size must be an integer from 8 to {MAX_INPUT_SIZE}, got {str(self.input_size)[:40]}")
+        if type(self.resize) is not int or not self.input_size <= self.resize <= 4 * self.input_size:
+            raise ValueError(f"resize must be an integer from input_size ({self.input_size}) to 4x input_size, "
+                             f"got {str(self.resize)[:40]}")
         if self.interpolation not in _INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}")
+            raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {str(self.interpolation)[:40]!r}")
         for name in ("mean", "std"):
-            value = tuple(float(v) for v in getattr(self, name))
-            if len(value) != 3 or (name == "std" and min(value) <= 0):
-                raise ValueError(f"{name} must be 3 numbers{' > 0' if name == 'std' else ''}, got {value}")
-            object.__setattr__(self, name, value)
+            value = getattr(self, name)
+            if (not isinstance(value, (list, tuple)) or len(value) != 3 or any(isinstance(v, bool) for v in value)
+                    or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)
+                    or (name == "std" and min(value) <= 0)):
+                raise ValueError(f"{name} must be 3 numbers{' > 0' if name == 'std' else ''}, got {str(value)[:60]}")
+            object.__setattr__(self, name, tuple(float(v) for v in value))
 
     @classmethod
     def from_dict(cls, data: dict) -> "Preprocessing":

@@ -48,22 +48,33 @@ class VerdictRules:
     find_margin: float = 1.6  # the crop's side over the bird's estimated side
 
     def __post_init__(self) -> None:
-        for name in ("unsure_below", "find_below", "crop_weight"):
+        for name, low, high in (("unsure_below", 0, 1), ("find_below", 0, 1), ("crop_weight", 0, 1),
+                                ("find_margin", 1, 4), ("bird_below", 0, 1)):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"verdict {name} must be a number in [0, 1], got {value!r}")
-        if not isinstance(self.find_margin, (int, float)) or not 1.0 <= self.find_margin <= 4.0:
-            raise ValueError(f"verdict find_margin must be a number in [1, 4], got {self.find_margin!r}")
-        if self.bird_below is not None and not 0.0 <= self.bird_below <= 1.0:
-            raise ValueError(f"verdict bird_below must be in [0, 1] or null, got {self.bird_below!r}")
+            if name == "bird_below" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                also = " or null" if name == "bird_below" else ""
+                raise ValueError(f"verdict {name} must be a number in [{low}, {high}]{also}, got {str(value)[:40]!r}")
+        if not isinstance(self.source, str):
+            raise ValueError(f"verdict source must be text, got {str(self.source)[:40]!r}")
 
     @classmethod
     def from_provenance(cls, provenance: dict, num_classes: int, has_bird_score: bool) -> "VerdictRules":
         """The rules a checkpoint records (the bird check and find-the-bird only for a network
         with a bird score: a locator or a bird head); older checkpoints get their
-        ``unsure_below`` metric (or the default) and no bird check."""
+        ``unsure_below`` metric (or the default) and no bird check.
+
+        Raises:
+            ValueError: a stored verdict block without ``unsure_below``, or with a value of the
+                wrong type or range (the message names the field).
+        """
         stored = provenance.get("verdict")
-        if isinstance(stored, dict):
+        if stored is not None and not isinstance(stored, dict):
+            raise ValueError(f"the verdict rules must be an object, got {str(stored)[:40]!r}")
+        if stored is not None:
+            if "unsure_below" not in stored:
+                raise ValueError("the verdict rules have no 'unsure_below'")
             rules = cls(**{k: v for k, v in stored.items() if k in cls.__dataclass_fields__})
             return rules if has_bird_score else cls(rules.unsure_below, source=rules.source)
         legacy = (provenance.get("metrics") or {}).get("unsure_below")

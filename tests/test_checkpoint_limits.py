@@ -1,0 +1,160 @@
+"""A checkpoint is a stranger's file: every number its metadata declares is checked before
+anything is built from it (the "safe in public" issue: a 398-byte file once grew the server to
+21 GB)."""
+
+import json
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from resnext import Preprocessing, load_checkpoint, read_metadata, save_checkpoint
+from resnext.checkpoint import LIMITS, CheckpointLimits
+from resnext.model import architecture_cost, resnext50_32x4d, resnext101_32x8d, resnext_tiny
+from resnext.summary import stage_table
+
+from conftest import CLASSES, ROOT
+
+TINY = {"layers": [1, 1, 1, 1], "cardinality": 4, "group_depth": 2, "num_classes": 5, "stem_width": 8,
+        "locator": False, "bird_head": False}
+PRE = {"input_size": 64, "resize": 72, "mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2], "interpolation": "bilinear"}
+
+
+def header_only(path, architecture=None, classes=None, preprocessing=None, provenance=None, raw=None):
+    """A file that is only a safetensors header declaring a model: a few hundred bytes, no weights."""
+    meta = {"format": 1, "architecture": architecture or TINY, "classes": CLASSES if classes is None else classes,
+            "preprocessing": preprocessing or PRE, "provenance": provenance or {}}
+    text = raw if raw is not None else json.dumps(meta)
+    data = json.dumps({"__metadata__": {"resnext": text}}).encode()
+    path.write_bytes(struct.pack("<Q", len(data)) + data)
+    return path
+
+
+@pytest.mark.parametrize("config, size", [(resnext50_32x4d(1000).config(), 224), (resnext101_32x8d(7).config(), 448),
+                                          (resnext_tiny(3).config(), 64), (dict(TINY, layers=[2, 1, 3, 1], locator=True,
+                                                                               bird_head=True), 97)])
+def test_cost_from_the_numbers_alone_is_the_built_networks(config, size):
+    from resnext.model import build_model
+
+    model = build_model(config)
+    params, macs = architecture_cost(config, size)
+    assert params == sum(p.numel() for p in model.parameters())
+    assert macs == sum(r["macs"] for r in stage_table(model, size))
+
+
+def test_every_real_resnext_is_within_the_limits(tmp_path):
+    path = save_checkpoint(tmp_path / "r101.safetensors", resnext101_32x8d(1000), [f"c{i}" for i in range(1000)],
+                           Preprocessing(448, 512))
+    info = read_metadata(path)
+    assert info.architecture["layers"] == [3, 4, 23, 3] and info.preprocessing.input_size == 448
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(architecture=dict(TINY, layers=[1.5, 2.5, 1e300, 1])), r"layers\[0\] .*must be an integer from 1 to 64, got 1.5"),
+    (dict(architecture=dict(TINY, layers=[1, 1, 10**12, 1])), r"layers\[2\] .*from 1 to 64"),
+    (dict(architecture=dict(TINY, layers=[1, 1, 1])), "4 block counts"),
+    (dict(architecture=dict(TINY, layers=[1, 1, True, 1])), r"layers\[2\]"),
+    (dict(architecture=dict(TINY, cardinality="4")), "cardinality must be an integer"),
+    (dict(architecture=dict(TINY, stem_width=10_000)), "stem_width must be an integer from 1 to 256"),
+    (dict(architecture=dict(TINY, locator="yes")), "locator must be true or false"),
+    (dict(architecture=dict(TINY, extra=1)), r"unknown architecture fields \['extra'\]"),
+    (dict(architecture=dict(resnext50_32x4d(5).config(), group_depth=64)), r"parameters; the limit is 200,000,000"),
+    (dict(architecture=dict(resnext101_32x8d(5).config()), preprocessing=dict(PRE, input_size=1024, resize=1024)),
+     "multiply-accumulates per image at 1024 px; the limit is 100,000,000,000"),
+    (dict(architecture=dict(TINY, num_classes=30_000), classes=[f"c{i}" for i in range(30_000)]),
+     "num_classes must be an integer from 1 to 25,000"),
+    (dict(classes=["a", "b", "a", "c", "b"]), r"class names are not unique: \['a', 'b'\]"),
+    (dict(classes=["a", "b", "c", "d", "x" * 201]), "must have 1 to 200 characters"),
+    (dict(classes=["a", "b", "c", "d", ""]), "must have 1 to 200 characters"),
+    (dict(preprocessing=dict(PRE, input_size=6000, resize=6000)), "input_size must be an integer from 8 to 1024"),
+    (dict(preprocessing=dict(PRE, resize=10_000)), "resize must be an integer from input_size"),
+    (dict(preprocessing=dict(PRE, mean=["0.5", 0.5, 0.5])), "mean must be 3 numbers"),
+    (dict(provenance={"metrics": {"val_acc": "ninety"}}), "metrics.val_acc must be a number from 0 to 1"),
+    (dict(provenance={"metrics": [1]}), "'metrics' must be an object"),
+    (dict(provenance=["x"]), "'provenance' must be an object"),
+    (dict(provenance={"verdict": {"bird_below": 0.5}}), "verdict rules have no 'unsure_below'"),
+    (dict(architecture=dict(TINY, bird_head=True), provenance={"verdict": {"unsure_below": 0.3, "bird_below": "x"}}),
+     "verdict bird_below must be a number in"),
+    (dict(provenance={"verdict": {"unsure_below": 2}}), r"verdict unsure_below must be a number in \[0, 1\]"),
+    (dict(provenance={"verdict": "strict"}), "verdict rules must be an object"),
+    (dict(raw='{"format": 1, "architecture": {"layers": [1, 1, 1, Infinity]}}'), "Infinity is not a number"),
+    (dict(raw="[" * 100_000 + "]" * 100_000), "nested too deeply"),
+])
+def test_declared_sizes_and_types_are_refused_before_anything_is_built(tmp_path, change, message):
+    path = header_only(tmp_path / "tiny.safetensors", **change)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=message) as err:
+        load_checkpoint(path)
+    assert time.perf_counter() - start < 20  # normal: milliseconds; the 1e300 case once ran until killed
+    assert "\n" not in str(err.value) and str(err.value).startswith(str(path))
+
+
+def test_a_deeply_nested_safetensors_header_is_refused(tmp_path):
+    path = tmp_path / "nest.safetensors"
+    data = ("{\"a\":" * 50_000 + "1" + "}" * 50_000).encode()
+    path.write_bytes(struct.pack("<Q", len(data)) + data)
+    with pytest.raises(ValueError, match="nest.safetensors: not a safetensors file .*nested too deeply"):
+        read_metadata(path)
+
+
+def test_a_header_over_the_limit_is_refused_unread(tmp_path):
+    """A million-class list (12.9 MB) is refused by its declared header length alone."""
+    path = header_only(tmp_path / "classes.safetensors", classes=[f"class {i}" for i in range(400_000)])
+    with pytest.raises(ValueError, match="header claims .* bytes"):
+        read_metadata(path)
+
+
+def _tensor_table(tmp_path, edit):
+    path = save_checkpoint(tmp_path / "m.safetensors", resnext_tiny(5), CLASSES, Preprocessing(64, 72))
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    edit(header)
+    data = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(data)) + data + raw[8 + length :])
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: h["fc.weight"].update(dtype="F64"), r"fc.weight is stored as F64; weights must be one of"),
+    (lambda h: h["fc.weight"].update(dtype="I64"), r"fc.weight is stored as I64"),
+    (lambda h: h["fc.weight"].update(shape=[5, 256, 1]), r"fc.weight has shape \(5, 256, 1\)"),
+    (lambda h: h["fc.weight"].update(data_offsets=[0, 2**60]), "fc.weight declares .* which do not fit its shape"),
+    (lambda h: h.update({"x" * 100: h["fc.bias"]}), "unexpected"),
+])
+def test_tensor_table_is_checked_against_the_architecture(tmp_path, edit, message):
+    path = _tensor_table(tmp_path, edit)
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(path)
+
+
+def test_limits_can_be_tightened():
+    tight = CheckpointLimits(max_classes=4)
+    assert tight.max_classes == 4 and LIMITS.max_classes == 25_000
+
+
+def test_cli_refuses_a_huge_network_quickly_in_little_memory(tmp_path, photo_file):
+    """The 398-byte file of the issue: ``layers [1.5, 2.5, 1e300, 1]`` (21 GB before the fix)."""
+    path = header_only(tmp_path / "huge.safetensors", architecture=dict(TINY, layers=[1.5, 2.5, 1e300, 1]))
+    probe = ("import resource, sys\nfrom resnext.__main__ import main\n"
+             f"code = main(['predict', '--checkpoint', {str(path)!r}, {str(photo_file)!r}])\n"
+             "print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+             "sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and done.stdout == ""
+    assert lines[0].startswith("error: ") and "layers[0]" in lines[0] and len(lines) == 2
+    rss_mb = int(lines[1].split()[1]) / 1024
+    assert rss_mb < 1500, rss_mb  # normal: ~450 MB (torch imported)
+
+
+def test_meta_shapes_allocate_nothing():
+    """The shape check builds the declared network on the meta device: even a huge one costs no memory."""
+    from resnext.model import build_model
+
+    with torch.device("meta"):
+        model = build_model(dict(resnext50_32x4d(5).config(), group_depth=64))
+    assert all(p.device.type == "meta" for p in model.parameters())
