@@ -49,7 +49,8 @@ class ZipLimits:
 
     max_files: int = 20_000
     max_bytes: int = 2 * 1024**3  # uncompressed total
-    max_ratio: int = 200  # uncompressed / compressed per entry; JPEGs are ~1, PNGs < 10
+    max_ratio: int = 200  # uncompressed / compressed, per entry and for the whole zip; JPEGs are ~1, PNGs < 10
+    max_depth: int = 16  # folders in an entry's path (class/train/photo.jpg is 2)
 
 
 @dataclass
@@ -128,6 +129,10 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike, limits: Zi
             )
         for entry in entries:
             _check_entry(archive.name, entry, limits)
+        compressed = max(1, archive.stat().st_size)  # many small entries, each under the per-entry check
+        if declared > 16 * 1024**2 and declared / compressed > limits.max_ratio:
+            raise DataError(f"{archive.name}: {compressed:,} bytes that unpack to {declared:,} "
+                            f"({declared // compressed}x); refusing a likely zip bomb")
         dest.mkdir(parents=True, exist_ok=True)
         root = dest.resolve()
         written = 0
@@ -164,12 +169,15 @@ def _check_entry(name: str, entry: zipfile.ZipInfo, limits: ZipLimits) -> None:
     path = PurePosixPath(filename)
     if path.is_absolute() or ".." in path.parts or (len(filename) > 1 and filename[1] == ":"):
         raise DataError(f"{name}: entry {entry.filename!r} points outside the folder; refusing the zip")
+    if len(path.parts) > limits.max_depth + 1:
+        raise DataError(f"{name}: entry {entry.filename[:80]!r}... is {len(path.parts) - 1} folders deep; "
+                        f"the limit is {limits.max_depth}")
     mode = entry.external_attr >> 16
     if stat.S_ISLNK(mode):
         raise DataError(f"{name}: entry {entry.filename!r} is a symbolic link; refusing the zip")
     if entry.flag_bits & 0x1:
         raise DataError(f"{name}: entry {entry.filename!r} is encrypted; upload a zip without a password")
-    if entry.compress_size and entry.file_size / entry.compress_size > limits.max_ratio and entry.file_size > 1 << 20:
+    if entry.compress_size and entry.file_size / entry.compress_size > limits.max_ratio and entry.file_size >= 1 << 16:
         raise DataError(
             f"{name}: entry {entry.filename!r} expands {entry.file_size // entry.compress_size}x; "
             "refusing a likely zip bomb"
@@ -195,10 +203,10 @@ def _check_image(path: Path) -> str | None:
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         return "not an image (extension)"
     try:
-        image = load_image(path)
+        image = load_image(path, shrink_to=4 * MIN_SIDE)  # decoded in full (a JPEG at 1/8 scale), then let go
     except (ImageLoadError, OSError) as err:
         reason = str(err).split(": ", 1)[-1]
-        return "too large" if "too large" in reason else f"unreadable ({reason})"
+        return reason if "too large" in reason or "too long" in reason else f"unreadable ({reason})"
     if min(image.size) < MIN_SIDE:
         return f"too small ({image.size[0]}x{image.size[1]}, needs {MIN_SIDE} px per side)"
     return None
@@ -291,7 +299,10 @@ def load_dataset(
     try:
         if folder is not source:
             skipped += safe_extract(source, folder)
-        return _split(source, folder, val_split, seed, skipped, max_classes)
+        try:
+            return _split(source, folder, val_split, seed, skipped, max_classes)
+        except RecursionError:  # a folder tree thousands deep
+            raise DataError(f"{source.name}: folders nested too deeply") from None
     except BaseException:
         if made:  # nobody else knows this folder exists
             shutil.rmtree(folder, ignore_errors=True)

@@ -23,6 +23,7 @@ from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 __all__ = [
     "ImageInput",
     "ImageLoadError",
+    "MAX_ASPECT",
     "MAX_PIXELS",
     "Preprocessing",
     "load_image",
@@ -35,6 +36,9 @@ ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 # Refuse anything larger before decoding it: 64 MP covers every camera photo; a "decompression
 # bomb" (a small file declaring 100k x 100k pixels) would need 30 GB of memory once decoded.
 MAX_PIXELS = 64_000_000
+# A panorama is rarely over 8:1. Anything longer is no photo of a bird, and a 1-bit PNG of
+# 640,000 x 100 pixels (8 kB on disk) is 192 MB once decoded and could never be shrunk enough.
+MAX_ASPECT = 20
 # The largest network input a checkpoint may ask for: 4.7x the usual 224 px per side. An input of
 # 6,000 px made a tiny model cost 1.8 GB and 8 s per answer.
 MAX_INPUT_SIZE = 1024
@@ -56,46 +60,62 @@ def _describe(source: ImageInput) -> str:
     return f"<{type(source).__name__}>"
 
 
-def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS, shrink_to: int | None = None) -> Image.Image:
     """Open any image PIL can read and return it upright, in RGB.
 
     Accepts a path, the file's bytes, a PIL image, or a numpy array (HxW, HxWx1, HxWx3 or
     HxWx4; uint8, uint16, or floats in [0, 1]). EXIF orientation is applied; every mode becomes
-    RGB (see :func:`to_rgb`); an animated image gives its first frame.
+    RGB (see :func:`to_rgb`); an animated image gives its first frame. ``shrink_to``: return the
+    photo with its shorter side at most this many pixels (a JPEG is decoded at a reduced scale
+    already, with Pillow's ``draft``), for callers that keep many photos in memory.
 
     Raises:
         FileNotFoundError: a path that does not exist.
-        ImageLoadError: anything that is not a usable image, or is larger than ``max_pixels``.
+        ImageLoadError: anything that is not a usable image, larger than ``max_pixels``, or
+            longer and thinner than :data:`MAX_ASPECT` (both read from the file's header).
     """
     if isinstance(source, Image.Image):
         image = source
     elif isinstance(source, np.ndarray):
         image = _from_array(source)
     elif isinstance(source, (bytes, bytearray)):
-        image = _open(io.BytesIO(source), _describe(source), max_pixels)
+        image = _open(io.BytesIO(source), _describe(source), max_pixels, shrink_to)
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
-        image = _open(path, str(path), max_pixels)
+        image = _open(path, str(path), max_pixels, shrink_to)
     else:
         raise ImageLoadError(f"cannot read an image from a {type(source).__name__}")
     _check_size(image, _describe(source), max_pixels)
     try:
-        image = ImageOps.exif_transpose(image)  # a rotated phone photo stands upright
-        return to_rgb(image)
+        image = to_rgb(ImageOps.exif_transpose(image))  # a rotated phone photo stands upright
     except (OSError, ValueError, SyntaxError) as err:  # truncated or corrupt pixel data
         raise ImageLoadError(f"{_describe(source)}: the image data is damaged or cut short ({err})") from None
+    return image if shrink_to is None else _shrink(image, shrink_to)
 
 
-def _open(fp, name: str, max_pixels: int) -> Image.Image:
+def _shrink(image: Image.Image, side: int) -> Image.Image:
+    scale = side / min(image.size)
+    if scale >= 1:
+        return image
+    size = (max(side, round(image.size[0] * scale)), max(side, round(image.size[1] * scale)))
+    return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+
+
+def _open(fp, name: str, max_pixels: int, shrink_to: int | None = None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # PIL warns, then raises, past its own bomb limit; ours below is the one that speaks.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(fp)
         _check_size(image, name, max_pixels)  # from the header, before any pixel is decoded
+        if shrink_to is not None and image.format == "JPEG":
+            scale = shrink_to / min(image.size)  # draft keeps at least the requested size
+            image.draft("RGB", (math.ceil(image.size[0] * scale), math.ceil(image.size[1] * scale)))
         image.load()
+    except ImageLoadError:
+        raise
     except Image.DecompressionBombError:
         raise ImageLoadError(f"{name}: image is too large (over {max_pixels:,} pixels)") from None
     except UnidentifiedImageError:
@@ -135,6 +155,9 @@ def _check_size(image: Image.Image, name: str, max_pixels: int) -> None:
             f"{name}: image is too large ({width}x{height} = {width * height:,} pixels; "
             f"the limit is {max_pixels:,})"
         )
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise ImageLoadError(f"{name}: image is too long and thin ({width}x{height}; a photo this app reads is at "
+                             f"most {MAX_ASPECT} times as long as it is wide)")
 
 
 def _from_array(array: np.ndarray) -> Image.Image:

@@ -172,3 +172,36 @@ def test_max_classes_takes_the_first_folders(tmp_path):
     make_shapes(tmp_path / "d", classes=4, per_class=3)
     data = load_dataset(tmp_path / "d", max_classes=2)
     assert data.classes == sorted(SHAPES[:4])[:2]
+
+
+def test_many_small_entries_that_expand_are_refused_as_a_whole(tmp_path):
+    """Entries each too small for the per-entry ratio check (60 KiB of zeros; the issue's were
+    1 MiB, then the floor) in a small zip: the archive as a whole expands ~400x and is refused
+    before anything is written."""
+    entries = [(f"a/{i}.bmp", b"\0" * (60 << 10)) for i in range(300)]
+    archive = _zip_with(tmp_path, "flat.zip", entries)
+    with pytest.raises(DataError, match=r"flat.zip: .* bytes that unpack to 18,432,000 \(\d+x\); refusing a likely zip bomb"):
+        safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(DataError, match="a/0.bmp' expands"):
+        safe_extract(_zip_with(tmp_path, "one.zip", [("a/0.bmp", b"\0" * (1 << 16))]), tmp_path / "out")
+
+
+def test_deeply_nested_entries_are_refused(tmp_path):
+    archive = _zip_with(tmp_path, "deep.zip", [("/".join(["d"] * 1500) + "/x.png", b"x")])
+    with pytest.raises(DataError, match="1500 folders deep; the limit is 16"):
+        safe_extract(archive, tmp_path / "out")
+    fine = _zip_with(tmp_path, "fine.zip", [("/".join(["d"] * 16) + "/x.png", b"x")])
+    safe_extract(fine, tmp_path / "fine")
+
+
+def test_long_thin_images_are_skipped_with_their_reason(tmp_path):
+    """A 1-bit PNG of 600,000 x 100 pixels is 8 kB on disk and 180 MB decoded: skipped, unread."""
+    from PIL import Image
+
+    make_shapes(tmp_path / "d", classes=2, per_class=3)
+    Image.new("1", (600_000, 100)).save(tmp_path / "d" / SHAPES[0] / "thin.png")
+    data = load_dataset(tmp_path / "d")
+    (skipped,) = data.report.skipped
+    assert skipped[0].endswith("thin.png") and "too long and thin (600000x100" in skipped[1]
+    assert sum(data.report.train_counts.values()) + sum(data.report.val_counts.values()) == 6

@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from resnext import ImageLoadError, Preprocessing, load_image
+from resnext.transforms import MAX_ASPECT
 from resnext.data import IGNORED, DataError, safe_extract
 
 from test_hostile import exif
@@ -150,7 +151,13 @@ def test_damaged_images(data):
 def test_declared_sizes_are_checked_before_decoding(width, height):
     """A PNG whose header declares ``width`` x ``height`` and carries no pixel data."""
     limit = 10_000  # small, so nothing big is ever allocated whatever the header says
-    with pytest.raises(ImageLoadError, match="too large" if width * height > limit else "damaged or cut short"):
+    if width * height > limit:
+        reason = "too large"
+    elif max(width, height) > MAX_ASPECT * min(width, height):
+        reason = "too long and thin"
+    else:
+        reason = "damaged or cut short"
+    with pytest.raises(ImageLoadError, match=reason):
         with time_limit(10):
             load_image(png_declaring(width, height), max_pixels=limit)
 

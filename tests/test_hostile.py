@@ -103,10 +103,15 @@ CATALOGUE: dict[str, Case] = {
     "text named .jpg": Case("notes.jpg", b"just some notes\n", refused="this is text, not a photo"),
     "truncated JPEG": Case("cut.jpg", encoded(RGB, "JPEG", **JPEG)[:1500], refused="damaged or cut short"),
     "decompression bomb": Case("bomb.png", png_declaring(100_000, 100_000), refused="image is too large"),
+    # Just over the pixel limit: the reason is its size, never "damaged" (as it once was).
+    "8001x8000 PNG": Case("big.png", png_declaring(8001, 8000), refused="^(?!.*damaged).*image is too large"),
+    # 8 kB on disk, 192 MB decoded, and it could never be shrunk to a usable photo.
+    "640000x100 1-bit PNG": Case("thin.png", encoded(Image.new("1", (640_000, 100)), "PNG"), refused="too long and thin"),
+    "2000x1 strip": Case("strip.png", encoded(Image.new("RGB", (2000, 1), (9, 99, 199)), "PNG"), refused="too long and thin"),
     # ---- must be classified
     "plain PNG": Case("plain.png", encoded(RGB, "PNG")),
     "1x1 pixel": Case("dot.png", encoded(Image.new("RGB", (1, 1), (200, 30, 40)), "PNG"), upright=(1, 1)),
-    "2000x1 strip": Case("strip.png", encoded(Image.new("RGB", (2000, 1), (9, 99, 199)), "PNG"), upright=(2000, 1)),
+    "20:1 panorama": Case("panorama.png", encoded(Image.new("RGB", (400, 20), (9, 99, 199)), "PNG"), upright=(400, 20)),
     "8-bit grey PNG": Case("grey8.png", encoded(GREY, "PNG")),
     "16-bit grey PNG": Case("grey16.png", png_16_bit(np.asarray(GREY).astype(np.uint16) * 257)),
     "48-bit RGB PNG": Case("rgb48.png", png_16_bit(PICTURE.astype(np.uint16) * 257)),

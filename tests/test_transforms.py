@@ -183,3 +183,37 @@ def test_preprocessing_round_trips_and_validates():
         Preprocessing(interpolation="lanczos9")
     with pytest.raises(ValueError, match="unknown preprocessing fields"):
         Preprocessing.from_dict({"input_size": 224, "crop": 0.9})
+
+
+def test_shrink_to_bounds_what_stays_in_memory(tmp_path):
+    """Training keeps many photos decoded: each is shrunk as it is read, so its shorter side is
+    ``shrink_to`` whatever the file declares (a JPEG is decoded at a reduced scale already)."""
+    from resnext.training.context import decode
+
+    big = tmp_path / "big.jpg"
+    Image.new("RGB", (4000, 3000), (10, 120, 200)).save(big, quality=80)
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (3000, 200), (200, 10, 10)).save(wide)
+    assert load_image(big, shrink_to=150).size == (200, 150)
+    assert load_image(wide, shrink_to=150).size == (2250, 150)
+    assert load_image(big).size == (4000, 3000)  # only when asked
+    small = tmp_path / "small.png"
+    Image.new("RGB", (90, 60)).save(small)
+    assert load_image(small, shrink_to=150).size == (90, 60)  # never enlarged
+    shapes = [tuple(t.shape) for t in decode([big, wide, small], side=150)]
+    assert shapes == [(3, 150, 200), (3, 150, 2250), (3, 60, 90)]
+
+
+def test_jpeg_is_drafted_not_decoded_in_full(tmp_path, monkeypatch):
+    big = tmp_path / "big.jpg"
+    Image.new("RGB", (4000, 3000), (10, 120, 200)).save(big, quality=80)
+    sizes = []
+    real = Image.Image.resize
+
+    def spy(self, size, *args, **kwargs):
+        sizes.append(self.size)
+        return real(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    load_image(big, shrink_to=150)
+    assert sizes == [(500, 375)]  # decoded at 1/8 scale, then resized once

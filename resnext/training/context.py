@@ -14,7 +14,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 
 from ..data import Dataset
@@ -84,15 +83,9 @@ class Best:
 
 def decode(paths: list[Path], side: int) -> list[Tensor]:
     """Decode every image once into memory, shorter side resized to ``side``: uint8 (3, H, W)."""
-    out = []
-    for path in paths:
-        image = load_image(path)
-        scale = side / min(image.size)
-        if scale < 1:
-            size = (max(side, round(image.size[0] * scale)), max(side, round(image.size[1] * scale)))
-            image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
-        out.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
-    return out
+    # Shrunk as it is decoded (a JPEG at a reduced scale already): what stays in memory is bounded
+    # by ``side`` and the aspect limit, whatever size the file declares.
+    return [torch.from_numpy(np.asarray(load_image(path, shrink_to=side)).copy()).permute(2, 0, 1) for path in paths]
 
 
 class AugmentedImages(torch.utils.data.Dataset):

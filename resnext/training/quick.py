@@ -39,7 +39,7 @@ def _views(ctx: Context, path, n: int) -> list[Image.Image]:
 
     pre = ctx.train_pre
     crop = v2.RandomResizedCrop(pre.input_size, scale=(0.35, 1.0), antialias=True)
-    image = load_image(path)
+    image = load_image(path, shrink_to=2 * pre.resize)  # the views need no more detail than this
     centre = pre.crop(image)
     out = [centre, centre.transpose(Image.Transpose.FLIP_LEFT_RIGHT)][:n]
     while len(out) < n:
