@@ -12,6 +12,7 @@ being trained on, visitors' models, CSV exports) live under the work folder (``-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -41,10 +42,13 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
 
 def tidy_workdir(workdir: Path) -> None:
     """At start-up: create the work folder; remove what a killed run left (its job folder, a
-    checkpoint's temporary file). Finished models are never half-written (atomic rename).
+    checkpoint's temporary file, undelivered API models) and Gradio's cache of the last run (copies
+    of private uploads and trained models, which would otherwise be served again to anyone holding
+    their address). Finished models are never half-written (atomic rename).
     One app per work folder: another app's running jobs would be removed too."""
     (workdir / "models").mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(workdir / "jobs", ignore_errors=True)
+    for folder in ("jobs", "api", "gradio-cache"):
+        shutil.rmtree(workdir / folder, ignore_errors=True)
     for leftover in [*(workdir / "models").glob(".*.tmp"), *(workdir / "visitors").glob("*/.*.tmp")]:
         leftover.unlink(missing_ok=True)
 
@@ -60,7 +64,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path,
                         default=Path(os.environ.get("RESNEXT_WORKDIR", Path(tempfile.gettempdir()) / "resnext-app")),
                         help="where uploads, visitors' models and exports are written")
+    limits = parser.add_argument_group("limits for a public server (defaults: RESNEXT_* variables, else as shown)")
+    limits.add_argument("--models-per-visitor", type=int, metavar="N", help="models each visitor keeps (5)")
+    limits.add_argument("--disk-gb", type=float, metavar="GB", help="cap of the whole work folder (4)")
+    limits.add_argument("--max-epochs", type=int, metavar="N", help="epochs of one training run (100)")
+    limits.add_argument("--train-minutes", type=float, metavar="M", help="wall time of one training run (15)")
     return parser.parse_args(argv)
+
+
+def limits_from(args: argparse.Namespace) -> "ui.Limits":
+    """The environment's limits (``RESNEXT_*``), then the flags given."""
+    base = ui.Limits.from_env()
+    flags = {"models_per_visitor": args.models_per_visitor, "max_epochs": args.max_epochs,
+             "disk_bytes": args.disk_gb and int(args.disk_gb * 1024**3), "train_s": args.train_minutes and args.train_minutes * 60}
+    for name, value in flags.items():
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    return dataclasses.replace(base, **{k: v for k, v in flags.items() if v is not None})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,19 +92,23 @@ def main(argv: list[str] | None = None) -> None:
                  f"checkpoints/); start the app on a model of yours with --checkpoint PATH")
     try:
         tidy_workdir(args.workdir)
-        registry = ui.Models(checkpoint, args.device, args.workdir)
+        registry = ui.Models(checkpoint, args.device, args.workdir, limits=limits_from(args))
         registry.tidy()
         classifier = registry.get(registry.default)
-        secret = ui.secret_for(args.workdir)
+        key = ui.signing_key(args.workdir)
     except (FileNotFoundError, ValueError, OSError) as err:
         sys.exit(f"error: {err}")
+    # Gradio's copies of uploads and of the files it serves live in the work folder, where the
+    # app's tidying and disk cap reach them (read when the Blocks are built).
+    os.environ["GRADIO_TEMP_DIR"] = str((args.workdir / "gradio-cache").resolve())
+    registry.tidy_every(300)
     # The first explanation imports grad-cam (OpenCV, matplotlib): pay that before the first visitor.
     from PIL import Image
 
     classifier.explain(Image.new("RGB", (64, 64)), k=1)
     print(f"loaded {classifier}", flush=True)
     ui.install()
-    demo = ui.build_demo(registry, secret)
+    demo = ui.build_demo(registry, key)
     demo.queue(default_concurrency_limit=2)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=ui.THEME, css=ui.CSS,
                 max_file_size="50mb", allowed_paths=[str(ASSETS)])

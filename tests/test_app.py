@@ -197,14 +197,14 @@ def test_upload_refuses_pickles_and_broken_files_and_keeps_the_model(registry, t
     with pytest.raises(gr.Error, match="not a usable model"):
         upload_model(registry, OWNER, str(broken))
     assert registry.names(OWNER) == [registry.default]
-    assert list(registry.folder(OWNER).iterdir()) == []  # no half-kept file
+    assert not registry.folder(OWNER).exists()  # no half-kept file, not even an empty folder
 
 
 def test_an_uploaded_model_is_its_owners_only(registry, tiny_checkpoint, tmp_path):
     copy = tmp_path / "other birds.safetensors"
     copy.write_bytes(tiny_checkpoint.read_bytes())
-    name = upload_model(registry, OWNER, str(copy))
-    assert name == "other birds" and registry.names(OWNER) == [registry.default, name]
+    name, removed = upload_model(registry, OWNER, str(copy))
+    assert name == "other birds" and removed == [] and registry.names(OWNER) == [registry.default, name]
     assert registry.get(name, OWNER).classes == CLASSES
     someone_else = "f" * 32
     assert registry.names(someone_else) == registry.names() == [registry.default]
@@ -314,10 +314,19 @@ def test_visitors_folders_expire_a_week_after_their_last_model(registry):
     assert not old.exists() and recent.is_dir()
 
 
-def test_the_browser_secret_is_made_once_and_private(tmp_path):
-    first = ui.secret_for(tmp_path)
-    assert len(first) == 32 and ui.secret_for(tmp_path) == first
-    assert (tmp_path / ".browser-secret").stat().st_mode & 0o077 == 0
+def test_the_signing_key_is_made_once_and_private_and_signs_only_issued_tokens(tmp_path):
+    from ui.state import signature, signed_owner
+
+    key = ui.signing_key(tmp_path)
+    assert len(key) == 32 and ui.signing_key(tmp_path) == key
+    assert (tmp_path / ".visitor-key").stat().st_mode & 0o077 == 0
+    issued = {"owner": OWNER, "sig": signature(key, OWNER), "model": None}
+    assert signed_owner(key, issued) == OWNER
+    other_key = bytes(32)
+    for forged in ({"owner": OWNER}, {"owner": OWNER, "sig": "0" * 64}, {"owner": OWNER, "sig": signature(other_key, OWNER)},
+                   {"owner": "f" * 32, "sig": issued["sig"]}, {"owner": OWNER.upper(), "sig": issued["sig"]}, None, "x",
+                   {"owner": OWNER, "sig": 5}):
+        assert signed_owner(key, forged) is None, forged
 
 
 def test_two_clicks_make_a_box_whichever_corners_they_are():

@@ -101,7 +101,7 @@ def test_two_trainers_get_one_run_and_one_busy_message(registry, tmp_path):
     make_shapes(tmp_path / "d", classes=2, per_class=6)
     classes = ["green square", "red disc"]
     other = "e" * 32  # a second visitor
-    first = run_training(registry, train_request(tmp_path / "d", classes, owner=other, mode="full", epochs=300,
+    first = run_training(registry, train_request(tmp_path / "d", classes, owner=other, mode="full", epochs=100,
                                                  new_name="first"))
     assert "Starting" in next(first).status  # holds the slot now
     second = run_training(registry, train_request(tmp_path / "d", classes, epochs=5, new_name="second"))

@@ -5,6 +5,6 @@ fixes to Gradio (:mod:`.fixes`, applied by :func:`install`). No tensor code here
 
 from .fixes import install
 from .layout import CSS, THEME, build_demo
-from .state import Models, secret_for
+from .state import Limits, Models, signing_key
 
-__all__ = ["CSS", "THEME", "Models", "build_demo", "install", "secret_for"]
+__all__ = ["CSS", "THEME", "Limits", "Models", "build_demo", "install", "signing_key"]

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import html
+
 from resnext import Classifier, display_name
+
+
+def plain(text: str) -> str:
+    """A name a visitor chose (a file, a folder, a class), as text in Markdown: no HTML, no markup."""
+    escaped = html.escape(str(text), quote=False)
+    return "".join(f"\\{c}" if c in "\\`*_[]()#|<>!~" else c for c in escaped)
 
 def model_card(classifier: Classifier) -> str:
     """Markdown: the architecture stage by stage, the classes, where the model comes from."""
@@ -30,14 +38,14 @@ def model_card(classifier: Classifier) -> str:
     prov = info.provenance
     if prov:
         metrics = prov.get("metrics") or {}
-        facts = [f"{k}: {v}" for k, v in (("mode", prov.get("mode")), ("start", prov.get("init")),
+        facts = [f"{k}: {plain(str(v)[:200])}" for k, v in (("mode", prov.get("mode")), ("start", prov.get("init")),
                                            ("epochs", prov.get("epochs")), ("date", prov.get("date"))) if v]
         if metrics.get("val_acc") is not None:
             facts.append(f"validation accuracy: {metrics['val_acc']:.1%}")
         if metrics.get("test_top1") is not None:
             facts.append(f"test top-1 / top-5: {metrics['test_top1']:.1%} / {metrics.get('test_top5', 0):.1%}")
         lines += ["", "**Provenance** — " + " · ".join(facts)]
-    names = ", ".join(display_name(c) for c in classifier.classes[:100])
+    names = ", ".join(plain(display_name(c)) for c in classifier.classes[:100])
     more = f" … and {len(classifier.classes) - 100} more" if len(classifier.classes) > 100 else ""
     lines += ["", f"**Classes** — {names}{more}"]
     return "\n".join(lines)

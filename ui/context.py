@@ -12,7 +12,7 @@ from resnext import display_name
 
 from .answers import TOP1
 from .card import model_card
-from .state import Models, new_owner, valid_owner
+from .state import Models, new_owner, signature, signed_owner, valid_owner
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets"
@@ -38,8 +38,9 @@ class Ctx:
     """The registry and the components more than one tab reads or writes."""
 
     registry: Models
+    key: bytes = b""  # signs owner tokens (never sent to a browser)
     session: gr.State = None  # the visitor's owner token
-    remembered: gr.BrowserState = None  # {"owner", "model"} kept in the visitor's browser
+    remembered: gr.BrowserState = None  # {"owner", "sig", "model"} kept in the visitor's browser
     model_name: gr.State = None  # the session's model
     pickers: list = field(default_factory=list)  # the model dropdowns (Classify, Model)
     card: gr.Markdown = None
@@ -62,7 +63,7 @@ class Ctx:
         n = len(classifier.classes)
         updates = {
             self.session: owner,
-            self.remembered: {"owner": owner, "model": name},
+            self.remembered: {"owner": owner, "sig": signature(self.key, owner), "model": name},
             self.model_name: name,
             self.card: model_card(classifier),
             self.target: gr.Dropdown(choices=classes, value=TOP1),
@@ -73,6 +74,7 @@ class Ctx:
         return updates
 
     def restore(self, remembered) -> dict:
-        """Page load: the visitor's token and model from their browser, or a new token."""
-        remembered = remembered if isinstance(remembered, dict) else {}
-        return self.select(remembered.get("owner"), remembered.get("model"))
+        """Page load: the visitor's token (if this server signed it) and model from their browser,
+        else a new token."""
+        model = remembered.get("model") if isinstance(remembered, dict) else None
+        return self.select(signed_owner(self.key, remembered), model)

@@ -63,7 +63,7 @@ def build(ctx: Ctx) -> FineTuneTab:
             start = gr.Radio(["current model", "ImageNet", "scratch"], value="current model", label="Start from")
             with gr.Row():
                 epochs = gr.Number(value=0, label="Epochs (0 = automatic: 60 quick, 10 full)", precision=0, minimum=0,
-                                   maximum=300, min_width=140)
+                                   maximum=ctx.registry.limits.max_epochs, min_width=140)
                 image_size = gr.Number(value=0, label="Image size in px (0 = the model's own)", precision=0, minimum=0,
                                        maximum=512, min_width=140)
             new_name = gr.Textbox(label="Name of the new model", placeholder="my birds", elem_id="new-name")

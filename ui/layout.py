@@ -3,6 +3,8 @@ visitor's own models again."""
 
 from __future__ import annotations
 
+import secrets
+
 import gradio as gr
 
 from . import api, classify_tab, finetune_tab, model_tab
@@ -30,14 +32,20 @@ HEADER = ("# ResNeXt bird classifier\nUpload a bird photo: the model names the s
           "looked** (Grad-CAM from the network's conv5 stage).")
 
 
-def build_demo(registry: Models, secret: str | None = None) -> gr.Blocks:
-    """The app's Blocks, built without launching. ``secret`` encrypts what is kept in visitors'
-    browsers (a random one per start if not given: a restart then forgets who owns which model)."""
-    ctx = Ctx(registry)
+# Gradio encrypts a BrowserState in the browser with a key it sends to the browser: a fixed label,
+# not a secret. What is stored there is the visitor's own token and the server's signature of it.
+BROWSER_STATE_LABEL = "resnext-visitor-v2"
+
+
+def build_demo(registry: Models, key: bytes | None = None) -> gr.Blocks:
+    """The app's Blocks, built without launching. ``key`` signs visitors' tokens (a random one
+    per start if not given: a restart then forgets who owns which model); it never leaves the server."""
+    ctx = Ctx(registry, key or secrets.token_bytes(32))
     with gr.Blocks(title="ResNeXt bird classifier", delete_cache=(KEEP_FILES_S // 4, KEEP_FILES_S)) as demo:
         ctx.session = gr.State(None)
         ctx.model_name = gr.State(registry.default)
-        ctx.remembered = gr.BrowserState({"owner": None, "model": None}, storage_key="resnext-visitor", secret=secret)
+        ctx.remembered = gr.BrowserState({"owner": None, "sig": None, "model": None}, storage_key="resnext-visitor",
+                                         secret=BROWSER_STATE_LABEL)
         gr.Markdown(HEADER)
         with gr.Tab("Classify"):
             classify = classify_tab.build(ctx)

@@ -11,29 +11,56 @@ from resnext import load_classifier
 
 from .card import model_card
 from .context import Ctx
-from .state import Models, safe_name
+from .state import Models, removed_message, safe_name
 
 PRIVATE = {"api_visibility": "private"}
 
 
-def upload_model(registry: Models, owner: str, file) -> str:
-    """Check an uploaded ``.safetensors`` and keep it as ``owner``'s own model; returns its name.
-    A bad file changes nothing."""
+def upload_model(registry: Models, owner: str, file) -> tuple[str, list[str]]:
+    """Check an uploaded ``.safetensors`` and keep it as ``owner``'s own model. Returns its name
+    and the names of ``owner``'s models removed to stay within the quota. A bad file changes
+    nothing and leaves nothing behind (Gradio's copy of the upload included)."""
     if file is None:
         raise gr.Error("Choose a .safetensors file first.")
     path = Path(file if isinstance(file, str) else file.name)
-    if path.suffix.lower() != ".safetensors":
-        raise gr.Error("Only .safetensors checkpoints are accepted (a pickled .pt/.pth file could run code).")
+    try:
+        if path.suffix.lower() != ".safetensors":
+            raise gr.Error("Only .safetensors checkpoints are accepted (a pickled .pt/.pth file could run code).")
+        return _keep(registry, owner, path)
+    finally:
+        discard_upload(path)
+
+
+def _keep(registry: Models, owner: str, path: Path) -> tuple[str, list[str]]:
     target = registry.new_file(owner, safe_name(path.stem))
     staging = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(path, staging)
     try:
-        load_classifier(staging, device="cpu", fast=False)  # full check: shapes, values
-    except (ValueError, FileNotFoundError) as err:
-        staging.unlink(missing_ok=True)
+        shutil.copyfile(path, staging)
+        load_classifier(staging, device="cpu", fast=False)  # full check: metadata, shapes, values
+        staging.replace(target)
+    except (ValueError, FileNotFoundError, OSError) as err:
         raise gr.Error(f"That file is not a usable model: {str(err).split(': ', 1)[-1]}") from None
-    staging.replace(target)
-    return target.stem
+    except Exception as err:  # noqa: BLE001 - a stranger's file: nothing it does may escape as a bare "Error"
+        raise gr.Error(f"That file is not a usable model ({type(err).__name__}).") from None
+    finally:
+        staging.unlink(missing_ok=True)
+        if not any(target.parent.iterdir()):
+            target.parent.rmdir()  # a failed first upload leaves no empty folder
+    return target.stem, registry.kept(owner, target)
+
+
+def discard_upload(path: Path) -> None:
+    """Remove Gradio's copy of an upload once it has been read (and its folder, if now empty);
+    a file outside Gradio's upload folder is not an upload and is left alone."""
+    from gradio.utils import get_upload_folder
+
+    if not path.resolve().is_relative_to(Path(get_upload_folder()).resolve()):
+        return
+    path.unlink(missing_ok=True)
+    try:
+        path.parent.rmdir()
+    except OSError:
+        pass
 
 
 def build(ctx: Ctx) -> tuple[gr.Dropdown, gr.File]:
@@ -51,8 +78,10 @@ def build(ctx: Ctx) -> tuple[gr.Dropdown, gr.File]:
 def wire(ctx: Ctx, picker: gr.Dropdown, upload: gr.File) -> None:
     """The tab's events, after every tab is built."""
     def added(owner, file):
-        name = upload_model(ctx.registry, owner, file)
+        name, removed = upload_model(ctx.registry, owner, file)
         gr.Info(f"Model {name!r} added and selected; only you can see it.")
+        if removed:
+            gr.Warning(removed_message(ctx.registry, removed))
         return ctx.select(owner, name)
 
     run, inputs, outputs = ctx.reanswer

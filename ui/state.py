@@ -1,22 +1,31 @@
-"""What the app keeps between requests: the models (shared and each visitor's own) and the one
-training slot.
+"""What the app keeps between requests: the models (shared and each visitor's own), the disk they
+take, and the one training slot.
 
 A visitor is known by an *owner* token: 32 random hex digits made when their browser first opens
-the app and kept in that browser's storage (``gr.BrowserState``), so a page reload finds their
-models again. The models a visitor trains or uploads live in ``<workdir>/visitors/<owner>/``
-and are listed, selected and loaded only with that token: no other session can see or reach
-them. The default model and any ``.safetensors`` an operator puts in ``<workdir>/models/`` are
-shared by everybody.
+the app and kept in that browser's storage (``gr.BrowserState``) with the server's signature of
+it, so a page reload finds their models again. The models a visitor trains or uploads live in
+``<workdir>/visitors/<owner>/`` and are listed, selected and loaded only with that token: no
+other session can see or reach them. The default model and any ``.safetensors`` an operator
+puts in ``<workdir>/models/`` are shared by everybody.
+
+What protects a visitor's models is the token alone: 128 random bits nobody can guess, never
+listed or sent to anyone else. The signature (HMAC-SHA256 with a key that never leaves the
+server) only makes the app refuse tokens it did not issue. Whoever has a visitor's browser
+storage has their models.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
 import re
 import secrets
 import shutil
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -25,6 +34,37 @@ from resnext import Classifier, load_classifier
 
 OWNER = re.compile(r"[0-9a-f]{32}")
 KEEP_VISITOR_S = 7 * 24 * 3600  # a visitor's models are removed a week after they last trained or uploaded
+KEEP_CACHE_S = 3600  # Gradio's copies of uploads and answers, and API deliveries: an hour
+FRESH_S = 120  # a file this young may still be on its way to a visitor: never removed to make room
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one visitor or one call may take from a public server. The Space owner sets them with
+    ``app.py`` flags or ``RESNEXT_*`` environment variables (see :meth:`from_env`)."""
+
+    models_per_visitor: int = 5  # the oldest goes when a sixth is added
+    disk_bytes: int = 4 * 1024**3  # the work folder as a whole; the oldest visitors' models go first
+    max_epochs: int = 100  # per training run, quick or full
+    train_s: float = 900.0  # wall time of one training run
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> "Limits":
+        """``RESNEXT_MODELS_PER_VISITOR``, ``RESNEXT_DISK_GB``, ``RESNEXT_MAX_EPOCHS``,
+        ``RESNEXT_TRAIN_MINUTES``; a malformed value is an error that names it."""
+        fields = {"RESNEXT_MODELS_PER_VISITOR": ("models_per_visitor", int, 1),
+                  "RESNEXT_DISK_GB": ("disk_bytes", float, 1024**3),
+                  "RESNEXT_MAX_EPOCHS": ("max_epochs", int, 1), "RESNEXT_TRAIN_MINUTES": ("train_s", float, 60)}
+        values = {}
+        for var, (name, kind, unit) in fields.items():
+            if env.get(var):
+                try:
+                    value = kind(env[var])
+                    assert value > 0
+                except (ValueError, AssertionError):
+                    raise ValueError(f"{var} must be a positive number, got {env[var]!r}") from None
+                values[name] = int(value * unit) if name == "disk_bytes" else value * unit
+        return cls(**values)
 
 
 def new_owner() -> str:
@@ -34,6 +74,19 @@ def new_owner() -> str:
 def valid_owner(token) -> str | None:
     """The token if it is one this app makes, else None (a client can send anything)."""
     return token if isinstance(token, str) and OWNER.fullmatch(token) else None
+
+
+def signature(key: bytes, owner: str) -> str:
+    return hmac.new(key, owner.encode(), hashlib.sha256).hexdigest()
+
+
+def signed_owner(key: bytes, remembered) -> str | None:
+    """The owner token a browser kept, if the server signed it; None for a forged or missing one."""
+    remembered = remembered if isinstance(remembered, dict) else {}
+    owner, sig = valid_owner(remembered.get("owner")), remembered.get("sig")
+    if owner is None or not isinstance(sig, str) or not hmac.compare_digest(sig, signature(key, owner)):
+        return None
+    return owner
 
 
 def safe_name(text: str) -> str:
@@ -46,9 +99,11 @@ class Models:
     """The models this app serves, by name, and a small cache of loaded classifiers (shared by
     all sessions: a model's weights are the same whoever uses them)."""
 
-    def __init__(self, default: Path | None, device: str, workdir: Path, cache_size: int = 3):
+    def __init__(self, default: Path | None, device: str, workdir: Path, cache_size: int = 3,
+                 limits: Limits = Limits()):
         self.device = device
         self.workdir = Path(workdir)
+        self.limits = limits
         self.shared: dict[str, Path] = {}
         self._cache: OrderedDict[Path, Classifier] = OrderedDict()
         self._cache_size = cache_size
@@ -105,12 +160,77 @@ class Models:
             name, n = f"{base} ({n})", n + 1
         return folder / f"{name}.safetensors"
 
+    def api_file(self) -> Path:
+        """Where a ``/fine_tune`` call's model is written: no visitor owns it; it is removed once
+        delivered (and by :meth:`tidy` if a call dies first)."""
+        folder = self.workdir / "api"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"fine-tuned-{secrets.token_hex(6)}.safetensors"
+
+    def kept(self, owner: str, path: Path) -> list[str]:
+        """After ``path`` was saved as ``owner``'s model: keep the visitor within their quota and
+        the work folder within its cap. Returns the names of ``owner``'s models that were removed."""
+        mine = [p for p in self.own(owner).values() if p != path]
+        extra = len(mine) + 1 - self.limits.models_per_visitor
+        for old in mine[: max(0, extra)]:
+            self.forget(old)
+        self.make_room(keep=path)
+        return [p.stem for p in mine[: max(0, extra)]]
+
+    def forget(self, path: Path) -> None:
+        with self._lock:
+            self._cache.pop(path, None)
+        path.unlink(missing_ok=True)
+
+    def disk_use(self) -> int:
+        return sum(p.stat().st_size for p in self.workdir.rglob("*") if p.is_file())
+
+    def make_room(self, keep: Path | None = None, now: float | None = None) -> None:
+        """Bring the work folder under :attr:`Limits.disk_bytes`: the oldest visitors' models,
+        API deliveries and cached copies go first. The operator's ``models/`` and files younger
+        than :data:`FRESH_S` (a run's, a delivery on its way) are never touched."""
+        total = self.disk_use()
+        if total <= self.limits.disk_bytes:
+            return
+        young = (now or time.time()) - FRESH_S
+        candidates = [p for folder in ("visitors", "api", "gradio-cache", "exports")
+                      for p in (self.workdir / folder).rglob("*")
+                      if p.is_file() and p != keep and p.stat().st_mtime < young]
+        for path in sorted(candidates, key=lambda p: p.stat().st_mtime):
+            if total <= self.limits.disk_bytes:
+                break
+            total -= path.stat().st_size
+            self.forget(path)
+
     def tidy(self, now: float | None = None) -> None:
-        """Remove visitors' folders untouched for :data:`KEEP_VISITOR_S`."""
-        cutoff = (now or time.time()) - KEEP_VISITOR_S
+        """Remove visitors' folders untouched for :data:`KEEP_VISITOR_S`, API deliveries and
+        Gradio's cached copies older than :data:`KEEP_CACHE_S` (and the folders they leave
+        empty), then keep the work folder under its cap. Runs at start-up and every few minutes."""
+        now = now or time.time()
         for folder in (self.workdir / "visitors").glob("*"):
-            if folder.is_dir() and folder.stat().st_mtime < cutoff:
+            if folder.is_dir() and folder.stat().st_mtime < now - KEEP_VISITOR_S:
                 shutil.rmtree(folder, ignore_errors=True)
+        for top in ("api", "gradio-cache"):
+            for path in sorted((self.workdir / top).rglob("*"), key=lambda p: -len(p.parts)):  # files before folders
+                try:
+                    if path.is_file() and path.stat().st_mtime < now - KEEP_CACHE_S:
+                        path.unlink()
+                    elif path.is_dir() and not any(path.iterdir()) and path.stat().st_mtime < now - FRESH_S:
+                        path.rmdir()
+                except OSError:
+                    pass
+        self.make_room(now=now)
+
+    def tidy_every(self, seconds: float = 300) -> threading.Thread:
+        """:meth:`tidy` in a daemon thread, every ``seconds``, for as long as the app runs."""
+        def loop():
+            while True:
+                time.sleep(seconds)
+                self.tidy()
+
+        thread = threading.Thread(target=loop, name="tidy-workdir", daemon=True)
+        thread.start()
+        return thread
 
 
 class TrainingSlot:
@@ -141,12 +261,19 @@ class TrainingSlot:
 SLOT = TrainingSlot()
 
 
-def secret_for(workdir: Path) -> str:
-    """The key that encrypts what the app keeps in a visitor's browser, made once per work folder
-    (so a restart does not forget who owns which models) and readable by this user only."""
-    path = Path(workdir) / ".browser-secret"
+def removed_message(registry: Models, removed: list[str]) -> str:
+    names = ", ".join(repr(n) for n in removed)
+    return (f"Each visitor keeps at most {registry.limits.models_per_visitor} models here, so your oldest, {names}, "
+            "was removed.")
+
+
+def signing_key(workdir: Path) -> bytes:
+    """The key that signs visitors' tokens, made once per work folder (so a restart still knows
+    the tokens it issued), readable by this user only, and never sent to a browser."""
+    path = Path(workdir) / ".visitor-key"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_hex(16))
-        path.chmod(0o600)
-    return path.read_text().strip()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return bytes.fromhex(path.read_text().strip())

@@ -15,7 +15,8 @@ import gradio as gr
 
 from resnext import display_name
 
-from .state import SLOT, Models, safe_name
+from .card import plain
+from .state import SLOT, Models, removed_message, safe_name
 
 MAX_CLASSES_UI = 12
 SMALL_VALIDATION = 30  # fewer validation photos than this (or under 5 in a class): say the number is rough
@@ -36,6 +37,7 @@ class TrainRequest:
     image_size: int | None = None
     new_name: str = ""
     current_model: str | None = None
+    api: bool = False  # a /fine_tune call: the model is delivered, never kept or listed
 
 
 @dataclass
@@ -120,13 +122,13 @@ def report_markdown(report) -> str:
     n_val = sum(report.val_counts.values())
     lines = [f"**{len(report.classes)} classes** · {sum(report.train_counts.values())} training and "
              f"{n_val} validation photos", "", "| class | train | validation |", "|---|---|---|"]
-    lines += [f"| {html.escape(display_name(c))} | {report.train_counts[c]} | {report.val_counts[c]} |" for c in report.classes]
+    lines += [f"| {plain(display_name(c))} | {report.train_counts[c]} | {report.val_counts[c]} |" for c in report.classes]
     warning = small_validation_warning(report.val_counts)
     if warning:
         lines += ["", warning]
     if report.skipped:
         lines += ["", f"**Skipped {len(report.skipped)} file(s):**"]
-        lines += [f"- `{f}` — {r}" for f, r in report.skipped[:30]]
+        lines += [f"- {plain(f)} — {plain(r)}" for f, r in report.skipped[:30]]
         if len(report.skipped) > 30:
             lines.append(f"- … and {len(report.skipped) - 30} more")
     return "\n".join(lines)
@@ -181,16 +183,22 @@ def confusion_figure(confusion: list[list[int]], classes: list[str]):
 
 def run_training(registry: Models, request: TrainRequest):
     """Generator of :class:`TrainView`: wait for the slot, train, register the new model as the
-    visitor's own. A stop, an error or a closed page leaves no model and frees the slot."""
+    visitor's own. A stop, an error, the server's time limit or a closed page (Gradio then closes
+    this generator at its next update, a fraction of a second away) leaves no model and frees the slot."""
+    limits = registry.limits
+    if request.epochs and request.epochs > limits.max_epochs:
+        raise gr.Error(f"This server trains at most {limits.max_epochs} epochs per run; you asked for {request.epochs}.")
     src, job = source(registry, request.zip_file, request.names, request.files)
     stop = SLOT.stop_event(request.owner)
     try:
         yield from _wait_for_slot()
         try:
-            yield from _train(registry, request, load_data(src, job), stop)
+            deadline = time.monotonic() + limits.train_s
+            yield from _train(registry, request, load_data(src, job), stop, deadline)
         finally:
             SLOT.lock.release()
     finally:
+        SLOT.stops.pop(request.owner, None)
         shutil.rmtree(job, ignore_errors=True)
 
 
@@ -208,7 +216,7 @@ def _wait_for_slot():
             SLOT.waiting -= 1
 
 
-def _train(registry: Models, request: TrainRequest, data, stop):
+def _train(registry: Models, request: TrainRequest, data, stop, deadline: float):
     import pandas as pd
 
     from resnext.training import TrainConfig, TrainResult, iter_train
@@ -216,17 +224,18 @@ def _train(registry: Models, request: TrainRequest, data, stop):
     init = {"current model": str(registry.path(request.current_model, request.owner)),
             "ImageNet": "imagenet", "scratch": "scratch"}[request.start]
     config = TrainConfig(mode=request.mode, init=init, epochs=request.epochs or None, image_size=request.image_size or None)
-    out = registry.new_file(request.owner, request.new_name or f"fine-tuned {time.strftime('%H%M%S')}")
+    name = request.new_name or f"fine-tuned {time.strftime('%H%M%S')}"
+    out = registry.api_file() if request.api else registry.new_file(request.owner, name)
     report = report_markdown(data.report)
     yield TrainView(status_html(f"Starting ({request.mode} mode)…", 0.0), report=report)
     records, last, result = [], 0.0, None
     try:
-        for event in iter_train(data, config, out=out, should_stop=stop.is_set):
+        for event in iter_train(data, config, out=out, should_stop=lambda: stop.is_set() or time.monotonic() > deadline):
             if isinstance(event, TrainResult):
                 result = event
                 break
             if event.stage == "cancelled":
-                yield TrainView(status_html("Stopped. No model was saved."), done=True)
+                yield TrainView(status_html(_stopped(registry, deadline)), done=True)
                 return
             if event.stage == "epoch":
                 records += _epoch_records(event)
@@ -236,7 +245,21 @@ def _train(registry: Models, request: TrainRequest, data, stop):
                                 history=pd.DataFrame(records) if records and event.stage == "epoch" else None)
     except (RuntimeError, ValueError, OSError) as err:  # OSError: a full disk or read-only folder
         raise gr.Error(str(err)) from None
-    yield _finished(result, data, records, out)
+    except MemoryError:
+        raise gr.Error("The server ran out of memory for this run; try fewer or smaller photos, or quick mode.") from None
+    removed = [] if request.api else registry.kept(request.owner, out)  # quota and disk cap
+    if request.api:
+        registry.make_room(keep=out)
+    yield _finished(result, data, records, out, None if request.api else name, removed and removed_message(registry, removed))
+
+
+def _stopped(registry: Models, deadline: float) -> str:
+    if time.monotonic() > deadline:
+        seconds = registry.limits.train_s
+        allowed = f"{seconds / 60:g} minutes" if seconds >= 60 else f"{seconds:g} s"
+        return (f"Stopped: this server allows {allowed} per training run. No model was saved; try quick mode, fewer "
+                "epochs or fewer photos.")
+    return "Stopped. No model was saved."
 
 
 def _epoch_records(event) -> list[dict]:
@@ -257,16 +280,20 @@ def _progress_line(event, mode: str) -> str:
     return status_html(html.escape(what), fraction, event.eta_s)
 
 
-def _finished(result, data, records: list[dict], out: Path) -> TrainView:
+def _finished(result, data, records: list[dict], out: Path, name: str | None, removed: str | None) -> TrainView:
+    """The run's last word; ``name`` None: an API delivery, which this server does not keep."""
     import pandas as pd
 
     counts = data.report.val_counts
     acc = f"{result.val_acc:.0%}" if result.val_acc is not None else "not measured (no validation photos)"
     warning = small_validation_warning(counts)
-    name = out.stem
-    status = f"Done in {result.seconds:.0f} s: validation accuracy {acc}. Saved as <b>{html.escape(name)}</b>."
+    kept = (f"Saved as <b>{html.escape(out.stem)}</b>." if name else
+            f"Saved as {html.escape(out.name)}: the file is yours, and this server keeps no copy.")
+    status = f"Done in {result.seconds:.0f} s: validation accuracy {acc}. {kept}"
     if warning:
         status += f"<div class='unsure'>{warning.replace('**', '')}</div>"
+    if removed:
+        status += f"<div class='unsure'>{html.escape(removed)}</div>"
     return TrainView(status_html(status), history=pd.DataFrame(records) if records else None,
                      per_class=per_class_rows(result, counts), figure=confusion_figure(result.confusion, result.classes),
-                     model_file=str(result.checkpoint), new_model=name, done=True)
+                     model_file=str(result.checkpoint), new_model=name and out.stem, done=True)

@@ -1,0 +1,225 @@
+"""Safe in public: what one visitor or API caller can take from the server (memory, disk, the
+training slot) is bounded, every failure is one plain line, and nothing is left half-saved."""
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import gradio as gr
+import pytest
+
+from resnext import save_checkpoint
+
+from conftest import CLASSES, OWNER, ROOT, make_shapes, tiny_model, train_request
+
+from ui.api import api_fine_tune
+from ui.card import model_card
+from ui.context import Ctx
+from ui.model_tab import upload_model
+from ui.state import SLOT, Limits, Models
+from ui.training import report_markdown, run_training
+
+SHAPE_CLASSES = ["green square", "red disc"]
+
+
+def hostile_header(path: Path, **changes) -> Path:
+    meta = {"format": 1, "architecture": {"layers": [1, 1, 1, 1], "cardinality": 4, "group_depth": 2, "num_classes": 5,
+                                          "stem_width": 8}, "classes": CLASSES,
+            "preprocessing": {"input_size": 64, "resize": 72}, "provenance": {}}
+    meta.update(changes)
+    data = json.dumps({"__metadata__": {"resnext": json.dumps(meta)}}).encode()
+    path.write_bytes(struct.pack("<Q", len(data)) + data)
+    return path
+
+
+@pytest.mark.parametrize("changes, reason", [
+    ({"architecture": {"layers": [1.5, 2.5, 1e300, 1], "cardinality": 4, "group_depth": 2, "num_classes": 5}}, "layers"),
+    ({"architecture": {"layers": [1, 1, 1, 10**9], "cardinality": 4, "group_depth": 2, "num_classes": 5}}, "layers"),
+    ({"preprocessing": {"input_size": 6000, "resize": 6000}}, "input_size"),
+    ({"provenance": {"metrics": {"val_acc": "ninety"}}}, "val_acc"),
+    ({"provenance": {"verdict": {"bird_below": "x"}}}, "unsure_below"),
+])
+def test_model_tab_refuses_a_hostile_file_and_keeps_nothing(registry, tmp_path, changes, reason):
+    path = hostile_header(tmp_path / "evil.safetensors", **changes)
+    with pytest.raises(gr.Error, match=f"That file is not a usable model: .*{reason}") as err:
+        upload_model(registry, OWNER, str(path))
+    assert "\n" not in err.value.message
+    assert registry.names(OWNER) == [registry.default]
+    assert not registry.folder(OWNER).exists()  # no .tmp, no empty folder
+    assert path.exists()  # not an upload in Gradio's cache: the caller's own file is left alone
+
+
+def test_an_uploads_cached_copy_is_removed_once_read(registry, tiny_checkpoint, tmp_path, monkeypatch):
+    cache = tmp_path / "gradio-cache"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
+    upload = cache / "0123abcd" / "birds.safetensors"
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(tiny_checkpoint.read_bytes())
+    name, _ = upload_model(registry, OWNER, str(upload))
+    assert name == "birds" and not upload.parent.exists()
+    bad = cache / "4567" / "bad.safetensors"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"nonsense")
+    with pytest.raises(gr.Error):
+        upload_model(registry, OWNER, str(bad))
+    assert not bad.parent.exists()
+
+
+def test_each_visitor_keeps_a_few_models_the_oldest_goes(tiny_checkpoint, tmp_path):
+    registry = Models(tiny_checkpoint, "cpu", tmp_path / "work", limits=Limits(models_per_visitor=3))
+    for i in range(5):
+        copy = tmp_path / f"m{i}.safetensors"
+        copy.write_bytes(tiny_checkpoint.read_bytes())
+        registry.get(upload_model(registry, OWNER, str(copy))[0], OWNER)  # in the cache too
+        os.utime(registry.own(OWNER)[f"m{i}"], (time.time() - 100 + i,) * 2)
+    assert list(registry.own(OWNER)) == ["m2", "m3", "m4"]
+    assert {p.stem for p in registry._cache} == {"m2", "m3", "m4"}  # removed models are not served either
+    copy = tmp_path / "m5.safetensors"
+    copy.write_bytes(tiny_checkpoint.read_bytes())
+    assert upload_model(registry, OWNER, str(copy)) == ("m5", ["m2"])
+    assert registry.names("f" * 32) == [registry.default]  # another visitor sees none of it
+
+
+def test_the_work_folder_stays_under_its_cap_oldest_visitors_first(tiny_checkpoint, tmp_path):
+    work = tmp_path / "work"
+    size = tiny_checkpoint.stat().st_size
+    registry = Models(tiny_checkpoint, "cpu", work, limits=Limits(disk_bytes=int(3.5 * size)))
+    operators = work / "models" / "shared.safetensors"
+    operators.parent.mkdir(parents=True)
+    operators.write_bytes(tiny_checkpoint.read_bytes())
+    now = time.time()
+    files = []
+    for i, owner in enumerate(["a" * 32, "b" * 32, "c" * 32, "d" * 32]):
+        path = registry.folder(owner) / "m.safetensors"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(tiny_checkpoint.read_bytes())
+        os.utime(path, (now - 1000 + i,) * 2)
+        files.append(path)
+    assert registry.disk_use() > registry.limits.disk_bytes
+    registry.make_room(now=now)
+    assert registry.disk_use() <= registry.limits.disk_bytes
+    assert [p.exists() for p in files] == [False, False, True, True] and operators.exists()
+    fresh = registry.folder("e" * 32) / "new.safetensors"
+    fresh.parent.mkdir(parents=True)
+    fresh.write_bytes(tiny_checkpoint.read_bytes())
+    registry.make_room(now=now)  # over the cap again: the oldest goes, never a file younger than FRESH_S
+    assert [p.exists() for p in files] == [False, False, False, True] and fresh.exists()
+
+
+def test_tidy_removes_old_deliveries_and_cached_copies_while_running(registry):
+    from ui.state import KEEP_CACHE_S
+
+    work = registry.workdir
+    old, recent = work / "gradio-cache" / "aa" / "old.png", work / "gradio-cache" / "bb" / "new.png"
+    delivered = work / "api" / "fine-tuned-x.safetensors"
+    for path, age in ((old, KEEP_CACHE_S + 60), (recent, 60), (delivered, KEEP_CACHE_S + 60)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        os.utime(path, (time.time() - age,) * 2)
+    empty = work / "gradio-cache" / "tmp1234"
+    empty.mkdir()
+    os.utime(empty, (time.time() - 600,) * 2)
+    registry.tidy()
+    assert not old.exists() and not delivered.exists() and recent.exists() and not empty.exists()
+
+
+def test_names_a_visitor_chose_reach_the_page_as_text(registry, tmp_path):
+    evil = "<img src=x onerror=alert(1)>"
+    make_shapes(tmp_path / "d", classes=2, per_class=4)
+    (tmp_path / "d" / SHAPE_CLASSES[0] / f"{evil}.txt").write_text("x")
+    from resnext.data import load_dataset
+
+    report = report_markdown(load_dataset(tmp_path / "d").report)
+    assert "<img" not in report and "&lt;img src=x onerror=alert\\(1\\)&gt;" in report
+    path = save_checkpoint(tmp_path / "xss.safetensors", tiny_model(), [evil, "b", "c", "d", "e"])
+    name, _ = upload_model(registry, OWNER, str(path))
+    card = model_card(registry.get(name, OWNER))
+    assert "<img" not in card and "&lt;img" in card
+
+
+def test_epochs_over_the_servers_limit_are_refused_before_anything_runs(registry, tmp_path):
+    make_shapes(tmp_path / "d", classes=2, per_class=6)
+    with pytest.raises(gr.Error, match="at most 100 epochs per run; you asked for 300"):
+        next(run_training(registry, train_request(tmp_path / "d", SHAPE_CLASSES, epochs=300)))
+    assert not SLOT.lock.locked() and not (registry.workdir / "jobs").exists()
+
+
+def test_a_run_stops_at_the_servers_time_limit_and_frees_the_slot(tiny_checkpoint, tmp_path):
+    registry = Models(tiny_checkpoint, "cpu", tmp_path / "work", limits=Limits(train_s=0.5))
+    make_shapes(tmp_path / "d", classes=2, per_class=6)
+    views = list(run_training(registry, train_request(tmp_path / "d", SHAPE_CLASSES, mode="full", epochs=100)))
+    assert views[-1].status.count("Stopped: this server allows 0.5 s per training run") == 1
+    assert views[-1].new_model is None and registry.names(OWNER) == [registry.default]
+    assert not SLOT.lock.locked()
+
+
+def test_a_closed_run_frees_the_slot_and_saves_nothing(registry, tmp_path):
+    """Gradio closes a handler's generator when its client leaves: the run must end there."""
+    make_shapes(tmp_path / "d", classes=2, per_class=6)
+    run = run_training(registry, train_request(tmp_path / "d", SHAPE_CLASSES, mode="full", epochs=100))
+    for view in run:
+        if "epoch 2/" in view.status:
+            break
+    assert SLOT.lock.locked()
+    run.close()
+    assert not SLOT.lock.locked() and registry.names(OWNER) == [registry.default]
+    assert not list((registry.workdir / "jobs").iterdir())
+
+
+def test_api_fine_tune_delivers_its_model_and_keeps_no_copy(registry, tmp_path):
+    make_shapes(tmp_path / "d", classes=2, per_class=6)
+    archive = tmp_path / "d.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in (tmp_path / "d").rglob("*.png"):
+            zf.write(p, p.relative_to(tmp_path / "d"))
+    ctx = Ctx(registry, b"k" * 32)
+    for _ in range(3):
+        *progress, (status, model) = list(api_fine_tune(ctx, str(archive), "quick", 5, "mine"))
+        assert all(file is None for _, file in progress) and "Saved as" in status and "keeps no copy" in status
+        assert not Path(model).exists()  # removed once delivered (Gradio has its own copy by then)
+    assert not (registry.workdir / "visitors").exists() and list((registry.workdir / "api").iterdir()) == []
+    with pytest.raises(gr.Error, match="mode must be 'quick' or 'full'"):
+        next(api_fine_tune(ctx, str(archive), "distill", 5, "x"))
+
+
+def test_the_server_hides_its_key_and_stops_a_run_whose_client_left(tiny_checkpoint, tmp_path):
+    """The real app over HTTP: the signing key is in no page or config, and a /fine_tune caller
+    killed mid-run frees the training slot (the run's job folder goes when the run ends)."""
+    import httpx
+    from serve import AppServer
+
+    make_shapes(tmp_path / "d", classes=2, per_class=6)
+    archive = tmp_path / "d.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in (tmp_path / "d").rglob("*.png"):
+            zf.write(p, p.relative_to(tmp_path / "d"))
+    work = tmp_path / "work"
+    with AppServer(tiny_checkpoint, work, device="cpu", extra_env={"RESNEXT_MAX_EPOCHS": "100000"}) as app:
+        key = (work / ".visitor-key").read_text().strip()
+        for path in ("", "config", "gradio_api/info"):
+            text = httpx.get(app.url + path, timeout=60).text
+            assert key not in text and key[:16] not in text
+        caller = subprocess.Popen([sys.executable, "-c", (
+            "from gradio_client import Client, handle_file\n"
+            f"Client({app.url!r}, verbose=False).predict(handle_file({str(archive)!r}), 'full', 100000, 'long', "
+            "api_name='/fine_tune')")], cwd=ROOT)
+        jobs = work / "jobs"
+        _wait(lambda: jobs.is_dir() and any(jobs.iterdir()), 120, "the run never started")
+        time.sleep(1.0)  # training now
+        caller.send_signal(signal.SIGKILL)
+        caller.wait()
+        _wait(lambda: not any(jobs.iterdir()), 60, "the run went on after its caller left")  # normal: ~1 s
+        assert "Traceback" not in app.output()
+
+
+def _wait(condition, seconds: float, failure: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.1)
