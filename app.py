@@ -1,12 +1,13 @@
 """ResNeXt bird classifier: the Gradio app (Classify, Fine-tune and Model tabs).
 
     python app.py [--checkpoint PATH] [--host H] [--port P] [--share] [--device auto|cpu|cuda]
-                  [--workdir DIR]
+                  [--workdir DIR] [--models-per-visitor N] [--disk-gb GB] [--max-epochs N]
+                  [--train-minutes M]
 
 The entry point a Space expects: arguments, work folder, launch. The UI lives in ``ui/``; every
 tensor in the ``resnext`` package. Nothing heavy happens at import time. Writable files (uploads
-being trained on, visitors' models, CSV exports) live under the work folder (``--workdir`` or
-``RESNEXT_WORKDIR``).
+being trained on, visitors' models, CSV exports, Gradio's cache) live under the work folder
+(``--workdir`` or ``RESNEXT_WORKDIR``).
 """
 
 from __future__ import annotations

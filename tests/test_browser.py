@@ -139,7 +139,7 @@ def test_finetune_a_zip_then_classify_with_the_new_model(page, tmp_path):
 
 
 def test_stop_ends_a_full_run(page, tmp_path):
-    train(page, shapes_zip(tmp_path, classes=2, per_class=30), "long", mode="full", epochs="300")
+    train(page, shapes_zip(tmp_path, classes=2, per_class=30), "long", mode="full", epochs="100")
     page.locator("#train-status").get_by_text("epoch").first.wait_for(timeout=60_000)
     started = time.time()
     page.locator("#stop").click()
@@ -274,7 +274,7 @@ def test_5_training_reports_say_what_they_are_worth(page, tmp_path):
 
 
 def test_6_one_progress_display(page, tmp_path):
-    train(page, shapes_zip(tmp_path, classes=2, per_class=30), "progress", mode="full", epochs="300")
+    train(page, shapes_zip(tmp_path, classes=2, per_class=30), "progress", mode="full", epochs="100")
     page.locator("#train-status progress").wait_for(timeout=60_000)
     page.locator("#train-status").get_by_text("epoch").first.wait_for(timeout=60_000)
     assert page.locator("#train-status progress").count() == 1

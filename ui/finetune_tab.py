@@ -116,8 +116,11 @@ def wire(ctx: Ctx, tab: FineTuneTab) -> None:
     tab.check.click(lambda z, *c: check_data(ctx.registry, z, c[:MAX_CLASSES_UI], c[MAX_CLASSES_UI:]),
                     [tab.zip_file, *tab.names, *tab.uploads], tab.report, **PRIVATE)
     run, answer_inputs, answer_outputs = ctx.reanswer
+    # The one progress display is the status line; Gradio's own marks only where the run waits in
+    # the queue (its place in it) on that line, nowhere else.
     tab.train.click(train, inputs, results + [tab.stop] + ctx.selection_outputs(), concurrency_limit=1, concurrency_id="training",
-                    show_progress="hidden", **PRIVATE).then(run, answer_inputs, answer_outputs, **PRIVATE)
+                    show_progress="minimal", show_progress_on=tab.status, **PRIVATE).then(run, answer_inputs, answer_outputs,
+                                                                                           **PRIVATE)
     def stop(owner):
         SLOT.stop(owner)
         return gr.Button("Stopping after this step…", interactive=False)
