@@ -427,7 +427,7 @@ def _check_many(report: dict) -> None:
 
 
 UPLOADS: dict[str, Upload] = {
-    "zip inside a class folder": Upload(_nested_zip, check=_check_nested, markdown=r"`Robin/inner\.zip` — not an image"),
+    "zip inside a class folder": Upload(_nested_zip, check=_check_nested, markdown=r"<code>Robin/inner\.zip</code> — not an image"),
     "latin-1 names, no UTF-8 flag": Upload(_latin1_names, check=_check_latin1, markdown=r"\*\*2 classes\*\*.*\| CafΘ \|"),
     "UTF-8 flag on latin-1 names": Upload(_utf8_flag_but_not_utf8, refused=r"utf8-flag\.zip: .*(UTF-8|utf-8)"),
     "10,000 tiny files": Upload(_many_files, check=_check_many, markdown=r"Skipped 9994 file\(s\).*… and 9964 more"),

@@ -136,7 +136,7 @@ def test_names_a_visitor_chose_reach_the_page_as_text(registry, tmp_path):
     from resnext.data import load_dataset
 
     report = report_markdown(load_dataset(tmp_path / "d").report)
-    assert "<img" not in report and "&lt;img src=x onerror=alert\\(1\\)&gt;" in report
+    assert "<img" not in report and "&lt;img src=x onerror=alert(1)&gt;.txt</code> — not an image" in report
     path = save_checkpoint(tmp_path / "xss.safetensors", tiny_model(), [evil, "b", "c", "d", "e"])
     name, _ = upload_model(registry, OWNER, str(path))
     card = model_card(registry.get(name, OWNER))

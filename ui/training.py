@@ -128,7 +128,7 @@ def report_markdown(report) -> str:
         lines += ["", warning]
     if report.skipped:
         lines += ["", f"**Skipped {len(report.skipped)} file(s):**"]
-        lines += [f"- {plain(f)} — {plain(r)}" for f, r in report.skipped[:30]]
+        lines += [f"- <code>{html.escape(f)}</code> — {plain(r)}" for f, r in report.skipped[:30]]
         if len(report.skipped) > 30:
             lines.append(f"- … and {len(report.skipped) - 30} more")
     return "\n".join(lines)
