@@ -59,6 +59,19 @@ def test_a_drawn_box_is_classified_alone_and_drawn(registry, photo):
         answers.classify(classifier, photo, 3, box=(0, 0, 4, 4))
 
 
+def test_a_box_on_a_photo_wider_than_the_display_is_scaled_to_it(registry):
+    """Phone photos are wider than the 1,280 px the page shows: a box in the uploaded photo's
+    pixels must land on the same part of the shown (shrunk) photo."""
+    rng = np.random.default_rng(1)
+    big = rng.integers(0, 255, (1920, 2560, 3), dtype=np.uint8)  # shown at 1280 x 960: half
+    drawn = (800, 400, 1600, 1200)
+    boxed = answers.classify(registry.get(), big, 3, box=drawn)
+    assert boxed.overlay.shape == (960, 1280, 3)
+    left, top, right, bottom = boxed.explanation.box  # in the shown photo's pixels
+    assert 400 <= left < right <= 800 and 200 <= top < bottom <= 600
+    assert right - left > 0.8 * 400  # the network saw (most of) the drawn part, at the shown scale
+
+
 def test_unsure_predictions_say_so(registry, photo, monkeypatch):
     classifier = registry.get()
     monkeypatch.setattr(classifier, "rules", VerdictRules(unsure_below=1.0))

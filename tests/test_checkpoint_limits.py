@@ -161,3 +161,40 @@ def test_meta_shapes_allocate_nothing():
     with torch.device("meta"):
         model = build_model(dict(resnext50_32x4d(5).config(), group_depth=64))
     assert all(p.device.type == "meta" for p in model.parameters())
+
+
+GOOD_RULES = {"unsure_below": 0.3, "bird_below": 0.5, "find_below": 0.4, "crop_weight": 1.0, "find_margin": 1.3,
+              "source": "validation"}
+
+
+@pytest.mark.parametrize("field, value", [(f, v) for f in GOOD_RULES for v in ("x", None, 7, -1, True, [0.5])
+                                          if not (f == "bird_below" and v is None)
+                                          and not (f == "find_margin" and v == 1)])
+def test_every_field_of_stored_verdict_rules_is_checked_where_it_is_read(tmp_path, field, value):
+    """A verdict block with one field of the wrong type or range: one ValueError naming the field
+    (it was a TypeError, which the app and the CLI did not catch)."""
+    rules = dict(GOOD_RULES, **{field: value})
+    path = header_only(tmp_path / "rules.safetensors", architecture=dict(TINY, bird_head=True),
+                       provenance={"verdict": rules})
+    if field == "source" and isinstance(value, str):
+        read_metadata(path)  # any text is a fine source
+        return
+    with pytest.raises(ValueError, match=f"verdict {field} must be"):
+        read_metadata(path)
+
+
+def test_stored_rules_without_unsure_below_are_refused(tmp_path):
+    rules = {k: v for k, v in GOOD_RULES.items() if k != "unsure_below"}
+    path = header_only(tmp_path / "rules.safetensors", provenance={"verdict": rules})
+    with pytest.raises(ValueError, match="rules.safetensors: malformed checkpoint metadata: the verdict rules have no "
+                                         "'unsure_below'"):
+        read_metadata(path)
+
+
+def test_app_refuses_a_bad_checkpoint_in_one_line(tmp_path):
+    path = header_only(tmp_path / "rules.safetensors", provenance={"verdict": dict(GOOD_RULES, bird_below="x")})
+    done = subprocess.run([sys.executable, "app.py", "--checkpoint", str(path), "--workdir", str(tmp_path / "w")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "verdict bird_below must be" in lines[0]

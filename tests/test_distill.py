@@ -122,8 +122,12 @@ def test_distill_mode_trains_a_locator_and_records_names_only(trusted, tmp_path)
     assert config_record["teacher"] == "mobilenetv2.pt" and config_record["unlabelled"] == ["unlabelled"]
     assert str(tmp_path) not in str(info.provenance)  # no path of this machine in the file
     assert (tmp_path / "snap.safetensors").is_file()
-    (answer,) = load_classifier(out).predict(next(Path(data.root).rglob("*.png")))
-    assert answer.verdict in ("species", "unsure", "not_a_bird") and 0 <= answer.bird <= 1
+    classifier = load_classifier(out)
+    (answer,) = classifier.predict(next(Path(data.root).rglob("*.png")))
+    features = classifier.features(classifier.preprocess(next(Path(data.root).rglob("*.png"))))
+    bird = classifier.bird_scores(features, classifier.locate(features))
+    assert answer.bird == pytest.approx(float(bird[0]), abs=1e-6)  # the answer carries the locator's bird score
+    assert answer.verdict == classifier.rules.verdict(answer[0].prob, answer.bird)
 
 
 def test_distill_mode_needs_a_teacher():

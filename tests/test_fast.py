@@ -73,7 +73,18 @@ def test_fast_path_leaves_the_public_model_alone(tiny_checkpoint):
 
 
 def test_thread_settings(monkeypatch):
+    """One thread per usable CPU, unless the user chose with OMP_NUM_THREADS. ``cpu_count`` is
+    made 3 here, a number neither this machine's default nor the user's, so each branch shows."""
+    import resnext.fast
+
     assert 1 <= cpu_count() <= (__import__("os").cpu_count() or 1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     before = torch.get_num_threads()
-    assert configure_cpu_threads() == before  # the user's choice is kept
+    monkeypatch.setattr(resnext.fast, "cpu_count", lambda: 3)
+    try:
+        torch.set_num_threads(1)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert configure_cpu_threads() == 1  # the user's choice is kept
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert configure_cpu_threads() == 3 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)

@@ -31,25 +31,39 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_killed_training_leaves_nothing_in_the_model_list(tmp_path, tiny_checkpoint):
-    make_shapes(tmp_path / "d", classes=2, per_class=20)
+    """A training run killed while it writes its model (the one moment a file is on disk): the
+    model list never shows it, and the next start-up removes what it left."""
+    make_shapes(tmp_path / "d", classes=2, per_class=6)
     work = tmp_path / "work"
     out = work / "models" / "killed.safetensors"
-    train = subprocess.Popen(
-        [sys.executable, "-m", "resnext", "train", str(tmp_path / "d"), "--out", str(out), "--mode", "full",
-         "--init", str(tiny_checkpoint), "--epochs", "500"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    script = (
+        "import os, sys, time, safetensors.torch as st\n"
+        "import resnext.checkpoint as ck\n"
+        "from resnext.__main__ import main\n"
+        "def stalled_save(tensors, path, metadata=None):\n"
+        "    st.save_file(tensors, path, metadata=metadata)\n"
+        "    with open(path, 'r+b') as f: f.truncate(os.path.getsize(path) // 2)\n"
+        "    print('SAVING', flush=True)\n"
+        "    time.sleep(120)  # killed here, half-way through the write\n"
+        "ck.save_file = stalled_save\n"
+        f"main(['train', {str(tmp_path / 'd')!r}, '--out', {str(out)!r}, '--mode', 'full', '--init', "
+        f"{str(tiny_checkpoint)!r}, '--epochs', '2'])\n"
     )
+    train = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        for line in train.stdout:  # wait until it is really training
-            if "epoch" in line.lower():
+        for line in train.stdout:  # wait until it is writing the model
+            if "SAVING" in line:
                 break
         assert train.poll() is None, "training ended before it could be killed"
     finally:
         train.send_signal(signal.SIGKILL)
         train.wait(timeout=30)
+    assert len(list(out.parent.glob(".*.tmp"))) == 1  # killed mid-write, under a temporary name
     assert not out.exists()
     assert Models(None, "cpu", work).names() == []
+    app.tidy_workdir(work)
+    assert list(out.parent.iterdir()) == []
 
 
 def test_a_write_killed_halfway_leaves_a_temp_file_that_is_never_listed_and_is_tidied(tmp_path, tiny_checkpoint):

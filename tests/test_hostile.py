@@ -494,6 +494,12 @@ def _build_upload(name: str, sandbox) -> Path:
     return UPLOADS[name].build(path)
 
 
+def cpu_bound(name: str) -> float:
+    """CPU seconds an upload may take: far above the normal, so only a hang or a blow-up fails.
+    Measured here (2 cores): at most 0.02 s for every upload but "10,000 tiny files" (5.8-7.4 s)."""
+    return 60.0 if name == "10,000 tiny files" else 2.0
+
+
 @pytest.mark.parametrize("name", list(UPLOADS))
 def test_load_dataset_refuses_or_cleans(name, sandbox):
     upload = UPLOADS[name]
@@ -515,7 +521,7 @@ def test_load_dataset_refuses_or_cleans(name, sandbox):
             entries = {info.filename for info in zf.infolist() if not info.is_dir()}
         written = {p.relative_to(job / "unzipped").as_posix() for p in (job / "unzipped").rglob("*") if p.is_file()}
         assert written == entries
-    assert time.process_time() - start < 10  # 10,000 files included
+    assert time.process_time() - start < cpu_bound(name)
     assert sandbox.leftovers(job) == []  # nothing outside the job folder...
     assert list(sandbox.tmp.iterdir()) == []  # ...nor in the temp folder
     if upload.refused:  # without a workdir, a refused zip leaves no temporary folder behind
@@ -540,7 +546,7 @@ def test_app_check_data_refuses_or_reports(name, sandbox, registry):
     else:
         report = check_data(registry, str(archive), [], [])
         assert re.search(upload.markdown, report, re.S), report
-    assert time.process_time() - start < 10  # 10,000 files included
+    assert time.process_time() - start < cpu_bound(name)
     jobs = registry.workdir / "jobs"
     assert jobs.is_dir() and list(jobs.rglob("*")) == []  # the job folder was removed
     assert sandbox.leftovers(jobs) == []

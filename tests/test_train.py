@@ -62,7 +62,9 @@ def test_full_mode_lowers_the_loss(shapes, start):
     assert len(losses) == 6
     assert min(losses[-2:]) < losses[0]
     assert result.checkpoint is None  # no out: nothing written
-    assert 0.0 <= result.history[-1]["ema_val_acc"] <= 1.0  # the weight average was judged, BN recomputed
+    ema_acc, n_val = result.history[-1]["ema_val_acc"], len(data.val)  # the weight average, judged after the last epoch
+    assert abs(ema_acc * n_val - round(ema_acc * n_val)) < 1e-9  # a count of right photos over the validation set
+    assert result.val_acc == max(max(h["val_acc"] for h in result.history), ema_acc)  # the better of the two is kept
 
 
 def test_full_mode_conv5_only_keeps_earlier_stages(shapes, start):
@@ -101,12 +103,21 @@ def test_closing_the_generator_writes_nothing(shapes, start, tmp_path):
 
 
 def test_same_classes_keep_the_head(shapes, tmp_path):
+    """The engine's run context keeps the start point's head for the same classes (in the same
+    order) and makes a new one otherwise."""
+    from resnext.training.engine import _context
+
     data = load_dataset(shapes)
     torch.manual_seed(3)
     model = tiny_model(num_classes=3)
     start = save_checkpoint(tmp_path / "same.safetensors", model, data.classes, Preprocessing(64, 72))
-    loaded, _, _ = load_start_point(str(start))
-    assert torch.equal(loaded.fc.weight, model.fc.weight.half().float())
+    ctx, info = _context(data, TrainConfig(init=str(start), device="cpu"), None)
+    assert info.classes == data.classes
+    assert torch.equal(ctx.model.fc.weight, model.fc.weight.half().float())
+    other = save_checkpoint(tmp_path / "other.safetensors", model, data.classes[::-1], Preprocessing(64, 72))
+    ctx, _ = _context(data, TrainConfig(init=str(other), device="cpu"), None)
+    assert ctx.model.fc.weight.shape == (3, model.num_features)
+    assert not torch.allclose(ctx.model.fc.weight, model.fc.weight.half().float(), atol=1e-2)  # a fresh head
 
 
 def test_imagenet_without_network_says_how_to_place_the_file(monkeypatch):
@@ -138,11 +149,15 @@ def test_train_and_evaluate_commands(shapes, start, tmp_path, capsys):
     assert f"wrote {out}" in captured.out and "3 classes" in captured.err
     assert main(["evaluate", str(shapes), "--checkpoint", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["n"] == 60 and 0.8 <= report["top1"] <= 1.0 and report["top5"] == 1.0
+    assert report["n"] == 60 and report["top1"] >= 0.8
     assert set(report["per_class"]) == set(SHAPES[:3])
-    assert all(0.0 <= v <= 1.0 for v in report["per_class"].values())
-    assert main(["predict", str(next(shapes.rglob("*.png"))), "--checkpoint", str(out), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)[0]["predictions"][0]["label"] in SHAPES
+    # 20 photos per class: the overall accuracy is the mean of the per-class ones
+    assert abs(report["top1"] - sum(report["per_class"].values()) / 3) < 1e-9
+    photo = next(shapes.rglob("*.png"))
+    assert main(["predict", str(photo), "--checkpoint", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)[0]["predictions"][0]
+    (expected,) = load_classifier(out).predict(photo, k=1)  # the CLI prints what the library answers
+    assert printed["label"] == expected[0].label and abs(printed["prob"] - expected[0].prob) < 1e-6
 
 
 def test_evaluate_reports_unknown_folders(shapes, start, tmp_path, capsys):
@@ -180,7 +195,8 @@ def test_torchrun_with_two_gloo_processes(shapes, start, tmp_path):
     info = read_metadata(out)
     assert info.classes == load_dataset(shapes).classes
     assert info.provenance["world_size"] == 2
-    assert load_classifier(out).predict(next(shapes.rglob("*.png")))[0][0].label in SHAPES
+    trained, started = load_checkpoint(out)[0], load_checkpoint(start)[0]
+    assert not torch.equal(trained.conv5[0].conv2.weight, started.conv5[0].conv2.weight)  # the two ranks trained it
     assert run.stdout.count("wrote ") == 1  # one process writes
 
 

@@ -147,7 +147,8 @@ def test_cli_evaluate_reports_verdicts_and_zoom_out(located, tmp_path, capsys, p
     assert "--zoom-out must be at least 1, got 0.5" in capsys.readouterr().err
 
 
-def test_a_quick_fine_tune_keeps_the_bird_check_only_for_birds(located, tmp_path):
+@pytest.mark.parametrize("mode", ["quick", "full"])
+def test_a_fine_tune_keeps_the_bird_check_only_for_birds(located, tmp_path, mode):
     """The start model's rules (bird check, find-the-bird and its margin) and its bird head survive
     a fine-tune whose validation photos pass the bird check; the rules are dropped when they do not."""
     from resnext.data import load_dataset
@@ -162,15 +163,17 @@ def test_a_quick_fine_tune_keeps_the_bird_check_only_for_birds(located, tmp_path
     model.add_bird_head()  # bird score 0.98 everywhere
     torch.nn.init.constant_(model.bird.bias, 3.0)  # 0.95
     save_checkpoint(located, model, info.classes, info.preprocessing, {"verdict": rules})
-    train(data, TrainConfig(mode="quick", init=str(located), epochs=2), out=out)
+    train(data, TrainConfig(mode=mode, init=str(located), epochs=2, batch_size=8), out=out)
     tuned, tuned_info = load_checkpoint(out)
-    assert tuned.bird is not None and float(tuned.bird.bias.detach()) == 3.0
+    assert tuned.bird is not None
+    if mode == "quick":  # the backbone and its heads stay as they were
+        assert float(tuned.bird.bias.detach()) == 3.0
     kept = tuned_info.provenance["verdict"]
     assert kept["bird_below"] == 0.5 and kept["find_below"] == 0.4 and kept["find_margin"] == 1.3
     assert kept["unsure_below"] > 1 / 3  # 3 classes: never under chance
     torch.nn.init.constant_(model.bird.bias, -3.0)  # now nothing looks like a bird to it
     save_checkpoint(located, model, info.classes, info.preprocessing, {"verdict": rules})
-    train(data, TrainConfig(mode="quick", init=str(located), epochs=2), out=out)
+    train(data, TrainConfig(mode=mode, init=str(located), epochs=2, batch_size=8), out=out)
     dropped = load_checkpoint(out)[1].provenance["verdict"]
     assert dropped["bird_below"] is None and dropped["find_below"] == 0.0
 
@@ -286,8 +289,10 @@ def test_a_bird_head_round_trips_and_outranks_the_locator(located, tmp_path, pho
         tiny_model().forward_bird(torch.zeros(1, 64, 2, 2))
 
 
-def test_find_the_bird_classifies_the_crop_it_reports(tmp_path):
-    """The second pass sees exactly the box the answer reports (and the app draws)."""
+@pytest.mark.parametrize("height, width", [(120, 160), (200, 120)])  # landscape and portrait
+def test_find_the_bird_classifies_the_crop_it_reports(tmp_path, height, width):
+    """The second pass sees exactly the box the answer reports (and the app draws), inside the
+    part of the photo the network saw, whichever way the photo stands."""
     model = tiny_model()
     model.add_locator()
     torch.manual_seed(1)
@@ -296,10 +301,13 @@ def test_find_the_bird_classifies_the_crop_it_reports(tmp_path):
     rules = {"unsure_below": 0.0, "bird_below": None, "find_below": 1.0, "crop_weight": 1.0, "find_margin": 1.0}
     path = save_checkpoint(tmp_path / "m.safetensors", model, CLASSES, Preprocessing(64, 72), {"verdict": rules})
     classifier = Classifier(*load_checkpoint(path), device="cpu", fast=False)
-    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8))
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8))
     (answer,) = classifier.predict(photo, k=5)
     whole = classifier.preprocessing.crop_box(*photo.size)
     assert answer.found and answer.box != tuple(whole)
+    left, top, right, bottom = answer.box
+    assert whole[0] - 1e-6 <= left < right <= whole[2] + 1e-6 and whole[1] - 1e-6 <= top < bottom <= whole[3] + 1e-6
+    assert right - left == pytest.approx(bottom - top, rel=1e-6)  # a square crop, on a portrait photo too
     (direct,) = classifier.predict(photo.crop(answer.box), k=5, find_bird=False)
     assert [p.label for p in answer] == [p.label for p in direct]
     assert np.allclose([p.prob for p in answer], [p.prob for p in direct], atol=1e-6)
