@@ -5,6 +5,8 @@ test-output/ for a person to look at. The app serves a tiny model whose classes 
 example photos' species, so the examples show as they do with the real bird model.
 """
 
+import json
+import struct
 import shutil
 import zipfile
 from pathlib import Path
@@ -355,3 +357,22 @@ def test_8_example_photos_have_captions_and_answer_when_clicked(page):
     gallery.locator("img").nth(2).click()
     wait_answer(page)
     assert page.locator("#photo img").count() == 1  # the example became the photo
+
+
+def test_a_hostile_model_file_gets_a_plain_warning_and_changes_nothing(page, tmp_path):
+    """A 300-byte file declaring a network of 10^300 blocks (it once grew the server to 21 GB):
+    a one-line reason, the picker and card as they were, no red "Error" badge."""
+    meta = {"format": 1, "architecture": {"layers": [1, 1, 10**300, 1], "cardinality": 4, "group_depth": 2,
+                                          "num_classes": 3, "stem_width": 8},
+            "classes": ["a", "b", "c"], "preprocessing": {"input_size": 64, "resize": 72}, "provenance": {}}
+    data = json.dumps({"__metadata__": {"resnext": json.dumps(meta)}}).encode()
+    hostile = tmp_path / "huge.safetensors"
+    hostile.write_bytes(struct.pack("<Q", len(data)) + data)
+    page.get_by_role("tab", name="Model").click()
+    page.locator("#model-upload input[type=file]").set_input_files(str(hostile))
+    page.get_by_text("layers[2] (blocks of conv4) must be an integer from 1 to 64").first.wait_for(timeout=30_000)
+    assert page.get_by_text("Error", exact=True).count() == 0  # the answer has arrived: no badge came with it
+    card = page.locator("#model-card").inner_text()
+    assert "ResNeXt, layers [1, 1, 1, 1], cardinality 4" in card and "10**300" not in card  # still the default's card
+    assert model_options(page) == [DEFAULT]
+    shot(page, "hostile-model")

@@ -223,3 +223,13 @@ def _wait(condition, seconds: float, failure: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, failure
         time.sleep(0.1)
+
+
+def test_a_request_before_the_pages_first_load_gets_an_owner():
+    """The Train button (or an upload) can beat the page-load step that gives a session its token."""
+    from ui.finetune_tab import request
+    from ui.state import valid_owner
+
+    first = request(None, None, None, "quick", "current model", 0, 0, "")
+    assert valid_owner(first.owner) and request(None, None, None, "quick", "current model", 0, 0, "").owner != first.owner
+    assert request(OWNER, None, None, "quick", "current model", 0, 0, "").owner == OWNER

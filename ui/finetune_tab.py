@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from .context import Ctx
-from .state import SLOT
+from .state import SLOT, new_owner, valid_owner
 from .training import MAX_CLASSES_UI, TrainRequest, check_data, run_training, status_html
 
 PRIVATE = {"api_visibility": "private"}
@@ -87,8 +87,9 @@ def build(ctx: Ctx) -> FineTuneTab:
 
 
 def request(owner, current_model, zip_file, mode, start, epochs, image_size, new_name, *classes) -> TrainRequest:
-    """The tab's inputs as a :class:`TrainRequest`."""
-    return TrainRequest(owner=owner, zip_file=zip_file, names=list(classes[:MAX_CLASSES_UI]),
+    """The tab's inputs as a :class:`TrainRequest` (a new owner if the page's first load has not
+    given the session one yet)."""
+    return TrainRequest(owner=valid_owner(owner) or new_owner(), zip_file=zip_file, names=list(classes[:MAX_CLASSES_UI]),
                         files=list(classes[MAX_CLASSES_UI:]), mode=mode, start=start, epochs=int(epochs or 0),
                         image_size=int(image_size or 0), new_name=new_name or "", current_model=current_model)
 

@@ -11,7 +11,7 @@ from resnext import load_classifier
 
 from .card import model_card
 from .context import Ctx
-from .state import Models, removed_message, safe_name
+from .state import Models, new_owner, removed_message, safe_name, valid_owner
 
 PRIVATE = {"api_visibility": "private"}
 
@@ -78,7 +78,12 @@ def build(ctx: Ctx) -> tuple[gr.Dropdown, gr.File]:
 def wire(ctx: Ctx, picker: gr.Dropdown, upload: gr.File) -> None:
     """The tab's events, after every tab is built."""
     def added(owner, file):
-        name, removed = upload_model(ctx.registry, owner, file)
+        owner = valid_owner(owner) or new_owner()  # an upload can beat the page's first load
+        try:
+            name, removed = upload_model(ctx.registry, owner, file)
+        except gr.Error as err:  # a warning, not an error: the picker and card stay as they were, no red badges
+            gr.Warning(err.message)
+            return [gr.skip()] * len(ctx.selection_outputs())
         gr.Info(f"Model {name!r} added and selected; only you can see it.")
         if removed:
             gr.Warning(removed_message(ctx.registry, removed))
