@@ -17,9 +17,31 @@ from conftest import CLASSES, tiny_model
 
 
 def test_default_unsure_lets_a_three_class_model_be_unsure():
-    assert default_unsure(3) == pytest.approx(0.556, abs=1e-3)  # above chance (0.33): can fire
-    assert default_unsure(100) == pytest.approx(0.34, abs=1e-3)
+    assert default_unsure(3) == 0.556  # a third of the way from chance (0.33) to certainty, to 3 digits
+    assert default_unsure(100) == 0.34 and default_unsure(7) == 0.429
+    assert default_unsure(1) == 1.0 and default_unsure(0) == 1.0  # one class: chance is certainty
     assert default_unsure(3) > 1 / 3 and default_unsure(2) > 1 / 2
+
+
+def test_verdict_thresholds_are_strict():
+    """At the threshold itself: a bird, and sure (``<``, not ``<=``)."""
+    rules = VerdictRules(unsure_below=0.4, bird_below=0.1)
+    assert rules.verdict(0.4, 0.1) == "species"
+    assert rules.verdict(0.39999, 0.1) == "unsure" and rules.verdict(0.4, 0.09999) == "not_a_bird"
+
+
+def test_mix_weights_the_crop():
+    whole, crop = torch.tensor([0.2, 0.8]), torch.tensor([0.6, 0.4])
+    assert torch.allclose(VerdictRules(0.3, crop_weight=0.25).mix(whole, crop), torch.tensor([0.3, 0.7]))
+
+
+def test_choose_unsure_at_its_edges():
+    right, wrong = [0.9] * 5, [0.1] * 5
+    assert choose_unsure(right, wrong, 10) == (0.11, "validation (minimum summed error rate)")  # 5 of each: enough
+    assert choose_unsure(right[:4], wrong, 10)[0] == default_unsure(10)
+    assert choose_unsure(right, wrong[:4], 10)[0] == default_unsure(10)
+    assert choose_unsure(right, wrong, 10, others=[0.5] * 5)[0] == 0.51  # unknown species push it above them
+    assert choose_unsure([0.5] * 5, [0.49] * 5, 10)[0] == 0.5  # a right answer at the threshold is not flagged
 
 
 @pytest.mark.parametrize("top1, bird, expected", [
@@ -33,11 +55,36 @@ def test_rules_without_a_bird_check_never_say_not_a_bird():
     assert VerdictRules(unsure_below=0.4).verdict(0.9, 0.0) == "species"
 
 
-@pytest.mark.parametrize("field, value", [("unsure_below", 1.5), ("crop_weight", -0.1), ("bird_below", 2.0)])
-def test_bad_rules_name_the_value(field, value):
+@pytest.mark.parametrize("field, value, allowed", [
+    ("unsure_below", 1.5, "[0, 1]"), ("crop_weight", -0.1, "[0, 1]"), ("crop_weight", 1.5, "[0, 1]"),
+    ("find_below", 1.5, "[0, 1]"), ("find_margin", 4.5, "[1, 4]"), ("find_margin", 0.9, "[1, 4]"),
+    ("bird_below", 2.0, "[0, 1] or null"), ("unsure_below", "x" * 100, "[0, 1]"),
+])
+def test_bad_rules_name_the_value(field, value, allowed):
     kwargs = {"unsure_below": 0.3, field: value}
-    with pytest.raises(ValueError, match=f"{field}.*{value}"):
+    shown = repr(str(value)[:40])  # long values are cut to 40 characters
+    with pytest.raises(ValueError) as err:
         VerdictRules(**kwargs)
+    assert str(err.value) == f"verdict {field} must be a number in {allowed}, got {shown}"
+
+
+def test_rules_at_the_edges_of_their_ranges_are_accepted():
+    rules = VerdictRules(unsure_below=0.0, bird_below=1.0, find_below=1.0, crop_weight=1.0, find_margin=4.0)
+    assert rules.find_margin == 4.0 and VerdictRules(1.0, None, 0.0, 0.0, find_margin=1.0).bird_below is None
+    with pytest.raises(ValueError) as err:
+        VerdictRules(0.3, source=["a" * 50])
+    assert str(err.value) == f"verdict source must be text, got {str(['a' * 50])[:40]!r}"
+    with pytest.raises(ValueError) as err:
+        VerdictRules.from_provenance({"verdict": "x" * 60}, 3, True)
+    assert str(err.value) == f"the verdict rules must be an object, got {'x' * 40!r}"
+
+
+def test_looks_closer_only_at_a_bird_that_covers_less_than_find_below():
+    rules = VerdictRules(0.3, bird_below=0.2, find_below=0.5)
+    assert rules.looks_closer(0.2, 0.3)  # a bird exactly at the bird threshold is a bird
+    assert not rules.looks_closer(0.9, 0.0)  # no bird found: nothing to look at
+    assert not rules.looks_closer(0.9, 0.5)  # at find_below: big enough already
+    assert not rules.looks_closer(0.9, 0.9) and not rules.looks_closer(0.1, 0.3)
 
 
 def test_rules_from_provenance():
@@ -48,6 +95,27 @@ def test_rules_from_provenance():
     # an older checkpoint: its unsure_below metric, unless it is at or under chance
     assert VerdictRules.from_provenance({"metrics": {"unsure_below": 0.3}}, 100, False).unsure_below == 0.3
     assert VerdictRules.from_provenance({"metrics": {"unsure_below": 0.3}}, 3, False).unsure_below == default_unsure(3)
+    legacy = VerdictRules.from_provenance({"metrics": {"unsure_below": 0.3}}, 5, False)  # chance 0.2: above it
+    assert legacy == VerdictRules(0.3, source="metrics.unsure_below")
+    assert VerdictRules.from_provenance({"metrics": {"unsure_below": 0.5}}, 2, False).unsure_below == default_unsure(2)
+    assert VerdictRules.from_provenance({"metrics": {"unsure_below": 0.9}}, 1, False).unsure_below == 1.0
+
+
+def test_bird_box_in_numbers():
+    """One half-covered cell of a 4x4 map: the centroid is that cell's centre, the side is the
+    default margin (1.6) x sqrt(area), or min_side; the box is pushed inside the frame."""
+    cells = torch.zeros(4, 4)
+    cells[0, 3] = 0.5
+    area, box = bird_box(cells)
+    assert area == pytest.approx(0.5 / 16)
+    side = max(0.3, (0.5 / 16) ** 0.5 * 1.6)  # 0.3: min_side wins
+    assert box == pytest.approx((1.0 - side, 0.0, 1.0, side))  # right edge: cx 0.875 would overflow
+    cells = torch.full((4, 4), -3.0)  # logits, not probabilities: clamped to 0 ...
+    cells[1, 1] = 5.0  # ... and 1
+    area, box = bird_box(cells, min_side=0.1)
+    assert area == pytest.approx(1 / 16)
+    assert box == pytest.approx((0.375 - 0.2, 0.375 - 0.2, 0.375 + 0.2, 0.375 + 0.2))  # side 1.6 x 0.25, centred
+    assert bird_box(torch.full((2, 2), 0.25e-6)) == (0.0, (0.0, 0.0, 1.0, 1.0))  # 1e-6 in all: nothing there
 
 
 def test_bird_box_centres_on_the_covered_cells():
