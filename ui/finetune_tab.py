@@ -71,7 +71,9 @@ def build(ctx: Ctx) -> FineTuneTab:
                 check = gr.Button("Check data", min_width=100)
                 train = gr.Button("Train", variant="primary", elem_id="train", min_width=100)
                 stop = gr.Button("Stop", variant="stop", elem_id="stop", min_width=100)
-            status = gr.HTML(status_html(SLOT.status()), elem_id="train-status")
+            # Not SLOT.status(): read once when the page is built, it would go stale for every visitor.
+            status = gr.HTML(status_html("One training run at a time: if another is in progress, yours waits in the "
+                                         "queue and shows its place here."), elem_id="train-status")
     report = gr.Markdown(elem_id="train-report")
     # Hidden until the first epoch: gradio 6.31's LinePlot loses its colours for good when the
     # first value it receives is an empty table, so it is never sent one.

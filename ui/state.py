@@ -242,11 +242,6 @@ class TrainingSlot:
         self.stops: dict[str, threading.Event] = {}
         self.waiting = 0
 
-    def status(self) -> str:
-        if self.lock.locked():
-            return f"A training run is in progress; {self.waiting} waiting." if self.waiting else "A training run is in progress."
-        return "No training run in progress."
-
     def stop_event(self, owner: str) -> threading.Event:
         event = self.stops.setdefault(owner, threading.Event())
         event.clear()
