@@ -107,11 +107,15 @@ def test_a_header_over_the_limit_is_refused_unread(tmp_path):
         read_metadata(path)
 
 
+META = []  # the tiny checkpoint's own __metadata__, for tests that rebuild a whole header
+
+
 def _tensor_table(tmp_path, edit):
     path = save_checkpoint(tmp_path / "m.safetensors", resnext_tiny(5), CLASSES, Preprocessing(64, 72))
     raw = path.read_bytes()
     (length,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + length])
+    META[:] = [header["__metadata__"]]
     edit(header)
     data = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(data)) + data + raw[8 + length :])
@@ -198,3 +202,45 @@ def test_app_refuses_a_bad_checkpoint_in_one_line(tmp_path):
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "verdict bird_below must be" in lines[0]
+
+
+def _expected_names():
+    from resnext.model import build_model
+
+    with torch.device("meta"):
+        return sorted(k for k in build_model(TINY).state_dict() if not k.endswith("num_batches_tracked"))
+
+
+@pytest.mark.parametrize("drop, extra, shown", [
+    (3, 0, "(missing {m3}, unexpected [])"),
+    (4, 0, "(missing {m3}..., unexpected [])"),
+    (0, 3, "(missing [], unexpected {u3})"),
+    (0, 4, "(missing [], unexpected {u3}...)"),
+])
+def test_a_mismatched_tensor_table_is_named_in_three_names_at_most(tmp_path, drop, extra, shown):
+    names = _expected_names()
+    keep = names[drop:]
+    long_names = [f"{i}" + "x" * 100 for i in range(extra)]
+    header = {n: {"dtype": "F16", "shape": [1], "data_offsets": [0, 2]} for n in keep + long_names}
+    path = _tensor_table(tmp_path, lambda h: (h.clear(), h.update(header, __metadata__=META[0])))
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(path)
+    detail = shown.format(m3=names[:3], u3=[u[:60] for u in sorted(long_names)[:3]])
+    assert str(err.value) == f"{path}: weights do not match the architecture {detail}"
+
+
+@pytest.mark.parametrize("edit, detail", [
+    (lambda h: h.update({"fc.bias": 5}), "tensor fc.bias has shape None, the architecture needs (5,)"),
+    (lambda h: h["fc.bias"].update(shape="s" * 100), f"tensor fc.bias has shape {'s' * 60}, the architecture needs (5,)"),
+    (lambda h: h["fc.bias"].update(dtype="D" * 30), f"tensor fc.bias is stored as {'D' * 20}; weights must be one of "
+                                                    "['BF16', 'F16', 'F32']"),
+    (lambda h: h["fc.bias"].update(data_offsets=[0, 10, 10]), "tensor fc.bias declares [0, 10, 10] as its bytes"),
+    (lambda h: h["fc.bias"].update(data_offsets=[0]), "tensor fc.bias declares [0] as its bytes"),
+    (lambda h: h["fc.bias"].update(data_offsets=["0", "10"]), "tensor fc.bias declares ['0', '10'] as its bytes"),
+    (lambda h: h["fc.bias"].update(data_offsets="o" * 100), f"tensor fc.bias declares {'o' * 60} as its bytes"),
+])
+def test_each_declared_tensor_is_named_with_what_is_wrong(tmp_path, edit, detail):
+    path = _tensor_table(tmp_path, edit)
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(path)
+    assert str(err.value).startswith(f"{path}: {detail}")
