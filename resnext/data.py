@@ -120,19 +120,7 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike, limits: Zi
     skipped = []
     with zf:
         entries = zf.infolist()
-        if len(entries) > limits.max_files:
-            raise DataError(f"{archive.name}: {len(entries):,} entries; the limit is {limits.max_files:,}")
-        declared = sum(e.file_size for e in entries)
-        if declared > limits.max_bytes:
-            raise DataError(
-                f"{archive.name}: unpacks to {declared:,} bytes; the limit is {limits.max_bytes:,}"
-            )
-        for entry in entries:
-            _check_entry(archive.name, entry, limits)
-        compressed = max(1, archive.stat().st_size)  # many small entries, each under the per-entry check
-        if declared > 16 * 1024**2 and declared / compressed > limits.max_ratio:
-            raise DataError(f"{archive.name}: {compressed:,} bytes that unpack to {declared:,} "
-                            f"({declared // compressed}x); refusing a likely zip bomb")
+        _check_archive(archive, entries, limits)
         dest.mkdir(parents=True, exist_ok=True)
         root = dest.resolve()
         written = 0
@@ -160,6 +148,22 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike, limits: Zi
             except OSError as err:  # a file and a folder of one name, a name too long for the disk...
                 raise DataError(f"{archive.name}: cannot extract entry {entry.filename!r} ({err.strerror or err})") from None
     return skipped
+
+
+def _check_archive(archive: Path, entries: list[zipfile.ZipInfo], limits: ZipLimits) -> None:
+    """What the zip declares, before anything is written: entry count, total size, every entry,
+    and the expansion of the whole (many small entries, each under the per-entry check)."""
+    if len(entries) > limits.max_files:
+        raise DataError(f"{archive.name}: {len(entries):,} entries; the limit is {limits.max_files:,}")
+    declared = sum(e.file_size for e in entries)
+    if declared > limits.max_bytes:
+        raise DataError(f"{archive.name}: unpacks to {declared:,} bytes; the limit is {limits.max_bytes:,}")
+    for entry in entries:
+        _check_entry(archive.name, entry, limits)
+    compressed = max(1, archive.stat().st_size)
+    if declared > 16 * 1024**2 and declared / compressed > limits.max_ratio:
+        raise DataError(f"{archive.name}: {compressed:,} bytes that unpack to {declared:,} "
+                        f"({declared // compressed}x); refusing a likely zip bomb")
 
 
 def _check_entry(name: str, entry: zipfile.ZipInfo, limits: ZipLimits) -> None:
