@@ -233,3 +233,13 @@ def test_a_request_before_the_pages_first_load_gets_an_owner():
     first = request(None, None, None, "quick", "current model", 0, 0, "")
     assert valid_owner(first.owner) and request(None, None, None, "quick", "current model", 0, 0, "").owner != first.owner
     assert request(OWNER, None, None, "quick", "current model", 0, 0, "").owner == OWNER
+
+
+def test_limits_from_the_environment():
+    env = {"RESNEXT_MODELS_PER_VISITOR": "2", "RESNEXT_DISK_GB": "0.5", "RESNEXT_MAX_EPOCHS": "7",
+           "RESNEXT_TRAIN_MINUTES": "1.5"}
+    assert Limits.from_env(env) == Limits(models_per_visitor=2, disk_bytes=2**29, max_epochs=7, train_s=90.0)
+    assert Limits.from_env({}) == Limits()
+    for var, bad in (("RESNEXT_MAX_EPOCHS", "many"), ("RESNEXT_DISK_GB", "-1"), ("RESNEXT_MODELS_PER_VISITOR", "0")):
+        with pytest.raises(ValueError, match=f"{var} must be a positive number, got '{bad}'"):
+            Limits.from_env({var: bad})

@@ -60,9 +60,10 @@ class Limits:
             if env.get(var):
                 try:
                     value = kind(env[var])
-                    assert value > 0
-                except (ValueError, AssertionError):
-                    raise ValueError(f"{var} must be a positive number, got {env[var]!r}") from None
+                except ValueError:
+                    value = 0
+                if not value > 0:
+                    raise ValueError(f"{var} must be a positive number, got {env[var]!r}")
                 values[name] = int(value * unit) if name == "disk_bytes" else value * unit
         return cls(**values)
 
@@ -183,7 +184,7 @@ class Models:
         path.unlink(missing_ok=True)
 
     def disk_use(self) -> int:
-        return sum(p.stat().st_size for p in self.workdir.rglob("*") if p.is_file())
+        return sum(_stat(p)[0] for p in self.workdir.rglob("*") if p.is_file())
 
     def make_room(self, keep: Path | None = None, now: float | None = None) -> None:
         """Bring the work folder under :attr:`Limits.disk_bytes`: the oldest visitors' models,
@@ -193,13 +194,12 @@ class Models:
         if total <= self.limits.disk_bytes:
             return
         young = (now or time.time()) - FRESH_S
-        candidates = [p for folder in ("visitors", "api", "gradio-cache", "exports")
-                      for p in (self.workdir / folder).rglob("*")
-                      if p.is_file() and p != keep and p.stat().st_mtime < young]
-        for path in sorted(candidates, key=lambda p: p.stat().st_mtime):
-            if total <= self.limits.disk_bytes:
+        candidates = [(_stat(p), p) for folder in ("visitors", "api", "gradio-cache", "exports")
+                      for p in (self.workdir / folder).rglob("*") if p.is_file() and p != keep]
+        for (size, mtime), path in sorted(candidates, key=lambda c: c[0][1]):  # oldest first
+            if total <= self.limits.disk_bytes or mtime >= young:
                 break
-            total -= path.stat().st_size
+            total -= size
             self.forget(path)
 
     def tidy(self, now: float | None = None) -> None:
@@ -226,11 +226,23 @@ class Models:
         def loop():
             while True:
                 time.sleep(seconds)
-                self.tidy()
+                try:
+                    self.tidy()
+                except Exception as err:  # noqa: BLE001 - the next round tries again; the app goes on
+                    print(f"tidying the work folder failed: {err}", flush=True)
 
         thread = threading.Thread(target=loop, name="tidy-workdir", daemon=True)
         thread.start()
         return thread
+
+
+def _stat(path: Path) -> tuple[int, float]:
+    """(size, mtime); (0, now) for a file another thread removed meanwhile."""
+    try:
+        st = path.stat()
+        return st.st_size, st.st_mtime
+    except OSError:
+        return 0, time.time()
 
 
 class TrainingSlot:
