@@ -1,6 +1,7 @@
 import json
 import pickle
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,3 +180,37 @@ def test_nan_weights_are_refused(tmp_path):
     path = save_checkpoint(tmp_path / "nan.safetensors", model, CLASSES)
     with pytest.raises(ValueError, match="fc.weight holds NaN"):
         load_checkpoint(path)
+
+
+def test_save_writes_beside_its_target_under_a_hidden_temporary_name(tmp_path, monkeypatch):
+    """Atomic save: the bytes go to ``.NAME.<random>.tmp`` in the target's own folder (so the rename
+    cannot cross file systems, and the app's tidying finds a killed write's leftovers), which may
+    be nested folders that do not exist yet; the date is UTC; names are stored as UTF-8, unescaped."""
+    import resnext.checkpoint as ck
+
+    written = []
+    real = ck.save_file
+    monkeypatch.setattr(ck, "save_file", lambda tensors, path, metadata=None: (written.append(path),
+                                                                              real(tensors, path, metadata=metadata)))
+    target = tmp_path / "a" / "b" / "m.safetensors"
+    save_checkpoint(target, tiny_model(), CLASSES[:4] + ["Zaunkönig"])
+    (tmp,) = written
+    assert Path(tmp).parent == target.parent and Path(tmp).name.startswith(".m.safetensors.") and tmp.endswith(".tmp")
+    assert not Path(tmp).exists() and target.is_file()
+    header, _ = _header(target)
+    assert "Zaunkönig" in header["__metadata__"]["resnext"]
+    assert read_metadata(target).provenance["date"].endswith("+00:00")
+
+
+def test_a_failed_save_reports_its_own_error(tmp_path, monkeypatch):
+    """A writer that fails after removing its file: the caller sees that failure, not a second one."""
+    import os
+
+    def vanishing(tensors, path, metadata=None):
+        os.unlink(path)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("resnext.checkpoint.save_file", vanishing)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(tmp_path / "m.safetensors", tiny_model(), CLASSES)
+    assert list(tmp_path.iterdir()) == []

@@ -244,3 +244,13 @@ def test_each_declared_tensor_is_named_with_what_is_wrong(tmp_path, edit, detail
     with pytest.raises(ValueError) as err:
         load_checkpoint(path)
     assert str(err.value).startswith(f"{path}: {detail}")
+
+
+def test_the_parameter_budget_admits_exactly_its_limit(tmp_path):
+    path = header_only(tmp_path / "tiny.safetensors")
+    params, macs = architecture_cost(TINY, 64)
+    assert read_metadata(path, CheckpointLimits(max_parameters=params, max_macs=macs)).architecture == TINY
+    with pytest.raises(ValueError, match=f"has {params:,} parameters; the limit is {params - 1:,}"):
+        read_metadata(path, CheckpointLimits(max_parameters=params - 1))
+    with pytest.raises(ValueError, match=f"needs {macs:,} multiply-accumulates per image at 64 px; the limit is"):
+        read_metadata(path, CheckpointLimits(max_macs=macs - 1))
