@@ -116,6 +116,9 @@ def test_bird_box_in_numbers():
     assert area == pytest.approx(1 / 16)
     assert box == pytest.approx((0.375 - 0.2, 0.375 - 0.2, 0.375 + 0.2, 0.375 + 0.2))  # side 1.6 x 0.25, centred
     assert bird_box(torch.full((2, 2), 0.25e-6)) == (0.0, (0.0, 0.0, 1.0, 1.0))  # 1e-6 in all: nothing there
+    cells = torch.zeros(4, 4)
+    cells[2, 1] = 0.5  # half covered, away from the edges: the centroid (0.375, 0.625) is not scaled by the total
+    assert bird_box(cells)[1] == pytest.approx((0.375 - 0.15, 0.625 - 0.15, 0.375 + 0.15, 0.625 + 0.15))
 
 
 def test_bird_box_centres_on_the_covered_cells():
