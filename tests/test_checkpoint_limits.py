@@ -254,3 +254,98 @@ def test_the_parameter_budget_admits_exactly_its_limit(tmp_path):
         read_metadata(path, CheckpointLimits(max_parameters=params - 1))
     with pytest.raises(ValueError, match=f"needs {macs:,} multiply-accumulates per image at 64 px; the limit is"):
         read_metadata(path, CheckpointLimits(max_macs=macs - 1))
+
+
+LONG = "y" * 100
+
+
+@pytest.mark.parametrize("change, detail", [
+    (dict(architecture=["x"]), "'architecture' must be an object"),
+    (dict(architecture=dict(TINY, layers="1111")), "layers must be a list of 4 block counts (conv2..conv5), got 1111"),
+    (dict(architecture=dict(TINY, layers=[1] * 40)), f"layers must be a list of 4 block counts (conv2..conv5), got {str([1] * 40)[:60]}"),
+    (dict(architecture=dict(TINY, layers=[1, 1, 1, 65])), "layers[3] (blocks of conv5) must be an integer from 1 to 64, got 65"),
+    (dict(architecture=dict(TINY, layers=[1, 1, 1, LONG])), f"layers[3] (blocks of conv5) must be an integer from 1 to 64, got {LONG[:40]}"),
+    (dict(architecture={**TINY, **{f"f{i}{LONG}": 1 for i in range(7)}}),
+     f"unknown architecture fields {sorted(f'f{i}{LONG}'[:40] for i in range(7))[:5]}"),
+    (dict(architecture=dict(TINY, bird_head=LONG)), f"bird_head must be true or false, got {LONG[:40]}"),
+    (dict(architecture={k: v for k, v in TINY.items() if k != "cardinality"}), "cardinality must be an integer from 1 to 256, got None"),
+    (dict(classes="abcde"), "'classes' must be a list of strings"),
+    (dict(classes=["a", "b", "c", "d", 5]), "'classes' must be a list of strings"),
+    (dict(classes=["a", "b", "c", "d", LONG * 3]), f"class name {LONG[:40]!r} must have 1 to 200 characters"),
+    (dict(architecture=dict(TINY, num_classes=10), classes=list("aabbccddef")), "class names are not unique: ['a', 'b', 'c']"),
+    (dict(preprocessing=["x"]), "'preprocessing' must be an object"),
+    (dict(provenance={"metrics": {"test_top1": 2}}), "provenance metrics.test_top1 must be a number from 0 to 1, got '2'"),
+    (dict(provenance={"metrics": {"test_top5": -0.1}}), "provenance metrics.test_top5 must be a number from 0 to 1, got '-0.1'"),
+    (dict(provenance={"metrics": {"unsure_below": True}}), "provenance metrics.unsure_below must be a number from 0 to 1, got 'True'"),
+    (dict(provenance={"metrics": {"val_acc": LONG}}), f"provenance metrics.val_acc must be a number from 0 to 1, got {LONG[:40]!r}"),
+    (dict(provenance={"metrics": 5}), "provenance 'metrics' must be an object"),
+    (dict(provenance=[1]), "'provenance' must be an object"),
+    (dict(raw="[1, 2]"), "unsupported format version [1, 2]"),
+    (dict(raw='{"format": 7}'), "unsupported format version 7"),
+    (dict(raw="[" * 100_000 + "]" * 100_000), "JSON nested too deeply"),
+    # the verdict rules are read with the bird check where the network has a bird score
+    (dict(architecture=dict(TINY, locator=True), provenance={"verdict": {"unsure_below": 0.3, "bird_below": 5}}),
+     "verdict bird_below must be a number in [0, 1] or null, got '5'"),
+])
+def test_each_malformed_field_gets_its_own_exact_message(tmp_path, change, detail):
+    path = header_only(tmp_path / "m.safetensors", **change)
+    with pytest.raises(ValueError) as err:
+        read_metadata(path)
+    assert str(err.value) == f"{path}: malformed checkpoint metadata: {detail}"
+
+
+def test_values_at_the_edges_of_their_limits_are_accepted(tmp_path):
+    no_stem_width = {k: v for k, v in dict(TINY, layers=[64, 1, 1, 1]).items() if k != "stem_width"}  # optional: 64
+    path = header_only(tmp_path / "edge.safetensors", architecture=no_stem_width,
+                       classes=["a", "b", "c", "d", "e" * 200],
+                       provenance={"metrics": {"val_acc": 0, "test_top1": 1, "test_top5": 1.0, "unsure_below": None,
+                                               "per_class": {"a": "any"}}})
+    info = read_metadata(path)
+    assert info.architecture["layers"] == [64, 1, 1, 1] and "stem_width" not in info.architecture
+    assert info.classes[-1] == "e" * 200 and info.provenance["metrics"]["val_acc"] == 0
+
+
+def test_the_rules_of_a_network_without_a_bird_score_ignore_its_bird_check(tmp_path):
+    """No locator and no bird head: a stored bird check is not read (nor can it be wrong)."""
+    path = header_only(tmp_path / "m.safetensors", provenance={"verdict": {"unsure_below": 0.3, "bird_below": 0.5}})
+    assert read_metadata(path).provenance["verdict"]["bird_below"] == 0.5
+    for head in ("locator", "bird_head"):  # either head makes it a bird score
+        bad = header_only(tmp_path / f"{head}.safetensors", architecture=dict(TINY, **{head: True}),
+                          provenance={"verdict": {"unsure_below": 0.3, "bird_below": 5}})
+        with pytest.raises(ValueError, match="verdict bird_below must be"):
+            read_metadata(bad)
+
+
+@pytest.mark.parametrize("body, detail", [
+    (b"[1, 2]", "not a safetensors file (header is not a JSON object)"),
+    (b"\xff\xfe", "not a safetensors file (header is not JSON we accept:"),
+])
+def test_a_header_that_is_no_json_object_is_named(tmp_path, body, detail):
+    path = tmp_path / "h.safetensors"
+    path.write_bytes(struct.pack("<Q", len(body)) + body)
+    with pytest.raises(ValueError) as err:
+        read_metadata(path)
+    assert str(err.value).startswith(f"{path}: {detail}")
+
+
+def test_header_length_limits(tmp_path, monkeypatch):
+    """A header as long as the limit is read; one byte more, or longer than the file, is refused;
+    a length with the top bit set is a huge unsigned number, not a negative one."""
+    import resnext.checkpoint as ck
+
+    path = header_only(tmp_path / "m.safetensors")
+    length = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    monkeypatch.setattr(ck, "MAX_HEADER_BYTES", length)
+    assert read_metadata(path).classes == CLASSES
+    monkeypatch.setattr(ck, "MAX_HEADER_BYTES", length - 1)
+    with pytest.raises(ValueError, match=f"header claims {length:,} bytes"):
+        read_metadata(path)
+    monkeypatch.undo()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:-1])  # one byte short of its declared header
+    with pytest.raises(ValueError, match=f"header claims {length:,} bytes, file has {length + 7:,}"):
+        read_metadata(cut)
+    signed = tmp_path / "signed.safetensors"
+    signed.write_bytes(struct.pack("<Q", 2**63 + 5) + b"{}")
+    with pytest.raises(ValueError, match=f"header claims {2**63 + 5:,} bytes"):
+        read_metadata(signed)
