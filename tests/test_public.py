@@ -22,7 +22,7 @@ from ui.api import api_fine_tune
 from ui.card import model_card
 from ui.context import Ctx
 from ui.model_tab import upload_model
-from ui.state import SLOT, Limits, Models
+from ui.state import KEEP_VISITOR_S, SLOT, Limits, Models
 from ui.training import report_markdown, run_training
 
 SHAPE_CLASSES = ["green square", "red disc"]
@@ -243,3 +243,71 @@ def test_limits_from_the_environment():
     for var, bad in (("RESNEXT_MAX_EPOCHS", "many"), ("RESNEXT_DISK_GB", "-1"), ("RESNEXT_MODELS_PER_VISITOR", "0")):
         with pytest.raises(ValueError, match=f"{var} must be a positive number, got '{bad}'"):
             Limits.from_env({var: bad})
+
+
+def test_limits_from_the_environment_keep_their_units():
+    limits = Limits.from_env({"RESNEXT_DISK_GB": "0.5", "RESNEXT_TRAIN_MINUTES": "0.01"})
+    assert type(limits.disk_bytes) is int and limits.disk_bytes == 2**29
+    assert limits.train_s == pytest.approx(0.6)  # not rounded to whole seconds
+
+
+def test_new_names_never_clash(tiny_checkpoint, tmp_path):
+    registry = Models(tiny_checkpoint, "cpu", tmp_path / "absent" / "work")  # folders made on first use
+    shared = registry.default
+    first = registry.new_file(OWNER, shared)  # a shared model's name is taken too
+    assert first.name == f"{shared} (2).safetensors"
+    names = []
+    for _ in range(3):
+        path = registry.new_file(OWNER, "birds")
+        path.write_bytes(tiny_checkpoint.read_bytes())
+        names.append(path.stem)
+    assert names == ["birds", "birds (2)", "birds (3)"]
+    import re
+
+    assert re.fullmatch(r"fine-tuned-[0-9a-f]{12}\.safetensors", registry.api_file().name)
+    assert registry.api_file() != registry.api_file()
+
+
+def test_quota_reports_only_what_it_removed_and_forgets_it(tiny_checkpoint, tmp_path):
+    registry = Models(tiny_checkpoint, "cpu", tmp_path / "work", cache_size=10, limits=Limits(models_per_visitor=2))
+    results = []
+    for i in range(3):
+        copy = tmp_path / f"m{i}.safetensors"
+        copy.write_bytes(tiny_checkpoint.read_bytes())
+        name, removed = upload_model(registry, OWNER, str(copy))
+        registry.get(name, OWNER)
+        os.utime(registry.own(OWNER)[name], (time.time() - 100 + i,) * 2)
+        results.append(removed)
+    assert results == [[], [], ["m0"]]
+    assert {p.stem for p in registry._cache} == {"m1", "m2"}  # m0 is no longer served (with room for 10)
+    registry.forget(tmp_path / "never-there.safetensors")  # forgetting what is gone is no error
+
+
+def test_tidy_at_its_edges(registry):
+    from ui.state import FRESH_S, KEEP_CACHE_S
+
+    work, now = registry.workdir, time.time()
+    visitor = registry.folder("a" * 32)
+    visitor.mkdir(parents=True)
+    os.utime(visitor, (now - KEEP_VISITOR_S,) * 2)  # exactly a week: kept until it is older
+    cached = work / "gradio-cache" / "aa" / "x.png"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"x")
+    os.utime(cached, (now - KEEP_CACHE_S,) * 2)
+    uploading = work / "gradio-cache" / "tmp-upload"  # an empty folder a running upload just made
+    uploading.mkdir()
+    registry.tidy(now=now)
+    assert visitor.is_dir() and cached.exists() and uploading.is_dir()
+    registry.tidy(now=now + FRESH_S + 1)
+    assert not visitor.exists() and not cached.exists() and not uploading.exists()
+
+
+def test_tidy_keeps_the_cap_as_of_its_own_clock(tiny_checkpoint, tmp_path):
+    registry = Models(tiny_checkpoint, "cpu", tmp_path / "work", limits=Limits(disk_bytes=10))
+    model = registry.folder(OWNER) / "m.safetensors"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(tiny_checkpoint.read_bytes())  # over the cap, but fresh now
+    registry.tidy()
+    assert model.exists()
+    registry.tidy(now=time.time() + 600)  # ten minutes on: no longer fresh, and over the cap
+    assert not model.exists()
