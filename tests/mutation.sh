@@ -26,7 +26,7 @@ for name in "${@:-verdict checkpoint state}"; do
       for t in ${tests[$one]}; do echo "    $t"; done
       # -x: a mutant is killed by its first failing test; the tests that start the app or the CLI in
       # another process are left out (that process would not run the mutant).
-      printf 'pytest_add_cli_args=\n    -x\n    -q\n    -p\n    no:cacheprovider\n    -k\n    not server and not cli_refuses and not app_refuses\n'
+      printf 'pytest_add_cli_args=\n    -x\n    -q\n    -p\n    no:cacheprovider\n    -k\n    not hides_its_key and not cli_refuses and not app_refuses\n'
       printf 'also_copy=\n    resnext/\n    ui/\n    app.py\n    assets/\n    benchmarks/\n    checkpoints/\n'
     } > "$work/setup.cfg"
     echo "== ${module[$one]} against ${tests[$one]} (in $work)"
