@@ -311,3 +311,47 @@ def test_tidy_keeps_the_cap_as_of_its_own_clock(tiny_checkpoint, tmp_path):
     assert model.exists()
     registry.tidy(now=time.time() + 600)  # ten minutes on: no longer fresh, and over the cap
     assert not model.exists()
+
+
+def test_safe_names_keep_letters_of_any_alphabet_and_nothing_else():
+    from ui.state import safe_name
+
+    assert safe_name("Zaunkönig's <birds>/../ 2") == "Zaunkönigs birds 2"
+    assert safe_name("x" * 70) == "x" * 60
+    assert safe_name("///") == safe_name(None) == "model"
+
+
+def test_operators_models_are_shared_and_visitors_see_theirs_oldest_first(tiny_checkpoint, tmp_path):
+    work = tmp_path / "work"
+    (work / "models").mkdir(parents=True)
+    (work / "models" / "owls.safetensors").write_bytes(tiny_checkpoint.read_bytes())
+    (work / "models" / "notes.txt").write_text("not a model")
+    registry = Models(tiny_checkpoint, "cpu", work, cache_size=2)
+    assert registry.names() == ["tiny", "owls"]
+    folder = registry.folder(OWNER)
+    folder.mkdir(parents=True)
+    for name, age in (("b", 30), ("a", 10), ("c", 20)):
+        (folder / f"{name}.safetensors").write_bytes(tiny_checkpoint.read_bytes())
+        os.utime(folder / f"{name}.safetensors", (time.time() - age,) * 2)
+    assert list(registry.own(OWNER)) == ["b", "c", "a"]  # by age, not by name
+    for name in ("tiny", "owls", "tiny", "b"):  # b evicts the least recently used: owls
+        registry.get(name, OWNER)
+    assert [p.stem for p in registry._cache] == ["tiny", "b"]
+    assert registry.get("b", OWNER).device.type == "cpu"
+
+
+def test_make_room_counts_every_folder_it_may_empty(tiny_checkpoint, tmp_path):
+    work = tmp_path / "work"
+    now = time.time()
+    files = []
+    for i, folder in enumerate(("exports", "gradio-cache/aa", "api", "visitors/" + OWNER)):
+        path = work / folder / f"f{i}.bin"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x" * 1000)
+        os.utime(path, (now - 1000 + i,) * 2)  # exports oldest ... visitors newest
+        files.append(path)
+    registry = Models(None, "cpu", work, limits=Limits(disk_bytes=2000))  # room for exactly two
+    registry.make_room(now=now)
+    assert [p.exists() for p in files] == [False, False, True, True]
+    registry.make_room(now=now)  # exactly at the cap: nothing more goes
+    assert registry.disk_use() == 2000 and files[2].exists()
