@@ -169,7 +169,7 @@ def _parse_metadata(path: Path, header: dict, limits: CheckpointLimits) -> Check
         info = CheckpointInfo(architecture, classes, Preprocessing.from_dict(data["preprocessing"]),
                               _check_provenance(data.get("provenance") or {}))
         _check_cost(architecture, info.preprocessing.input_size, limits)
-        VerdictRules.from_provenance(info.provenance, len(classes), architecture.get("locator") or architecture.get("bird_head"))
+        VerdictRules.from_provenance(info.provenance, len(classes), has_bird_score=False)  # checks every stored field
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         detail = f"missing field {err}" if isinstance(err, KeyError) else str(err)
         raise ValueError(f"{path}: malformed checkpoint metadata: {detail}") from None

@@ -305,15 +305,26 @@ def test_values_at_the_edges_of_their_limits_are_accepted(tmp_path):
     assert info.classes[-1] == "e" * 200 and info.provenance["metrics"]["val_acc"] == 0
 
 
-def test_the_rules_of_a_network_without_a_bird_score_ignore_its_bird_check(tmp_path):
-    """No locator and no bird head: a stored bird check is not read (nor can it be wrong)."""
+def test_every_stored_rule_is_checked_whether_the_network_uses_it_or_not(tmp_path):
+    """A network without a bird score does not use a stored bird check, but a wrong one is still a
+    wrong file; a right one is kept in the provenance as it was."""
     path = header_only(tmp_path / "m.safetensors", provenance={"verdict": {"unsure_below": 0.3, "bird_below": 0.5}})
     assert read_metadata(path).provenance["verdict"]["bird_below"] == 0.5
-    for head in ("locator", "bird_head"):  # either head makes it a bird score
-        bad = header_only(tmp_path / f"{head}.safetensors", architecture=dict(TINY, **{head: True}),
+    for head in ("locator", "bird_head", None):
+        architecture = dict(TINY, **{head: True}) if head else TINY
+        bad = header_only(tmp_path / f"{head}.safetensors", architecture=architecture,
                           provenance={"verdict": {"unsure_below": 0.3, "bird_below": 5}})
         with pytest.raises(ValueError, match="verdict bird_below must be"):
             read_metadata(bad)
+
+
+def test_metadata_that_is_not_an_object_is_no_checkpoint_of_ours(tmp_path):
+    path = tmp_path / "m.safetensors"
+    data = json.dumps({"__metadata__": ["resnext"]}).encode()
+    path.write_bytes(struct.pack("<Q", len(data)) + data)
+    with pytest.raises(ValueError) as err:
+        read_metadata(path)
+    assert str(err.value) == f"{path}: safetensors file has no 'resnext' metadata; not a checkpoint of this project"
 
 
 @pytest.mark.parametrize("body, detail", [
