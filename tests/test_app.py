@@ -330,9 +330,9 @@ def test_visitors_folders_expire_a_week_after_their_last_model(registry):
 def test_the_signing_key_is_made_once_and_private_and_signs_only_issued_tokens(tmp_path):
     from ui.state import signature, signed_owner
 
-    key = ui.signing_key(tmp_path)
-    assert len(key) == 32 and ui.signing_key(tmp_path) == key
-    assert (tmp_path / ".visitor-key").stat().st_mode & 0o077 == 0
+    key = ui.signing_key(tmp_path / "new" / "work")  # a work folder that does not exist yet
+    assert len(key) == 32 and ui.signing_key(tmp_path / "new" / "work") == key
+    assert (tmp_path / "new" / "work" / ".visitor-key").stat().st_mode & 0o077 == 0
     issued = {"owner": OWNER, "sig": signature(key, OWNER), "model": None}
     assert signed_owner(key, issued) == OWNER
     other_key = bytes(32)

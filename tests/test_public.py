@@ -253,6 +253,9 @@ def test_limits_from_the_environment_keep_their_units():
 
 def test_new_names_never_clash(tiny_checkpoint, tmp_path):
     registry = Models(tiny_checkpoint, "cpu", tmp_path / "absent" / "work")  # folders made on first use
+    assert registry.api_file().parent == tmp_path / "absent" / "work" / "api"
+    with pytest.raises(ValueError, match="not a visitor token: '../x'"):
+        registry.folder("../x")
     shared = registry.default
     first = registry.new_file(OWNER, shared)  # a shared model's name is taken too
     assert first.name == f"{shared} (2).safetensors"
@@ -344,14 +347,15 @@ def test_make_room_counts_every_folder_it_may_empty(tiny_checkpoint, tmp_path):
     work = tmp_path / "work"
     now = time.time()
     files = []
-    for i, folder in enumerate(("exports", "gradio-cache/aa", "api", "visitors/" + OWNER)):
+    for i, (folder, size) in enumerate((("api", 1500), ("exports", 500), ("gradio-cache/aa", 1000),
+                                        ("visitors/" + OWNER, 1000))):
         path = work / folder / f"f{i}.bin"
         path.parent.mkdir(parents=True)
-        path.write_bytes(b"x" * 1000)
-        os.utime(path, (now - 1000 + i,) * 2)  # exports oldest ... visitors newest
+        path.write_bytes(b"x" * size)
+        os.utime(path, (now - 1000 + i,) * 2)  # api oldest ... visitors newest; the sizes differ on purpose
         files.append(path)
-    registry = Models(None, "cpu", work, limits=Limits(disk_bytes=2000))  # room for exactly two
-    registry.make_room(now=now)
+    registry = Models(None, "cpu", work, limits=Limits(disk_bytes=2000))
+    registry.make_room(now=now)  # oldest first, whatever their size, until the folder fits
     assert [p.exists() for p in files] == [False, False, True, True]
     registry.make_room(now=now)  # exactly at the cap: nothing more goes
-    assert registry.disk_use() == 2000 and files[2].exists()
+    assert registry.disk_use() == 2000
