@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .model import ResNeXt, architecture_cost, build_model
+from .model import ARCHITECTURE_FIELDS, ResNeXt, architecture_cost, build_model
 from .transforms import Preprocessing
 from .verdict import VerdictRules
 
@@ -198,9 +198,9 @@ def _check_architecture(arch, limits: CheckpointLimits) -> dict:
     if not isinstance(arch, dict):
         raise ValueError("'architecture' must be an object")
     arch = dict(arch)
-    known = {"layers", "cardinality", "group_depth", "num_classes", "stem_width", "locator", "bird_head"}
-    if set(arch) - known:
-        raise ValueError(f"unknown architecture fields {sorted(str(f)[:40] for f in set(arch) - known)[:5]}")
+    unknown = set(arch) - ARCHITECTURE_FIELDS
+    if unknown:
+        raise ValueError(f"unknown architecture fields {sorted(str(f)[:40] for f in unknown)[:5]}")
     layers = arch.get("layers")
     if not isinstance(layers, list) or len(layers) != 4:
         raise ValueError(f"layers must be a list of 4 block counts (conv2..conv5), got {str(layers)[:60]}")

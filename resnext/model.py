@@ -241,13 +241,17 @@ class ResNeXt(nn.Module):
         }
 
 
+# What :meth:`ResNeXt.config` writes and :func:`build_model` (and a checkpoint) may hold.
+ARCHITECTURE_FIELDS = frozenset({"layers", "cardinality", "group_depth", "num_classes", "stem_width", "locator",
+                                 "bird_head"})
+
+
 def build_model(config: dict) -> ResNeXt:
     """Rebuild a network from :meth:`ResNeXt.config` output."""
-    known = {"layers", "cardinality", "group_depth", "num_classes", "stem_width", "locator", "bird_head"}
-    unknown = set(config) - known
+    unknown = set(config) - ARCHITECTURE_FIELDS
     if unknown:
         raise ValueError(f"unknown architecture fields {sorted(unknown)}")
-    missing = known - {"stem_width", "locator", "bird_head"} - set(config)
+    missing = ARCHITECTURE_FIELDS - {"stem_width", "locator", "bird_head"} - set(config)
     if missing:
         raise ValueError(f"architecture is missing {sorted(missing)}")
     return ResNeXt(**config)

@@ -171,12 +171,12 @@ class Models:
     def kept(self, owner: str, path: Path) -> list[str]:
         """After ``path`` was saved as ``owner``'s model: keep the visitor within their quota and
         the work folder within its cap. Returns the names of ``owner``'s models that were removed."""
-        mine = [p for p in self.own(owner).values() if p != path]
-        extra = len(mine) + 1 - self.limits.models_per_visitor
-        for old in mine[: max(0, extra)]:
+        mine = [p for p in self.own(owner).values() if p != path]  # oldest first
+        removed = mine[: max(0, len(mine) + 1 - self.limits.models_per_visitor)]
+        for old in removed:
             self.forget(old)
         self.make_room(keep=path)
-        return [p.stem for p in mine[: max(0, extra)]]
+        return [p.stem for p in removed]
 
     def forget(self, path: Path) -> None:
         with self._lock:
