@@ -209,8 +209,8 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if rank == 0 and result is not None:
-        val = f"{result.val_acc:.1%}" if result.val_acc is not None else "n/a"
-        print(f"wrote {result.checkpoint} (best validation accuracy {val} at epoch {result.best_epoch}, {result.seconds:.0f}s)")
+        print(f"wrote {result.checkpoint} ({result.seconds:.0f}s): validation: {result.validation_text()}; "
+              f"kept epoch {result.best_epoch}, {result.epoch_choice}")
     return 0
 
 

@@ -250,6 +250,9 @@ def _check_provenance(provenance) -> dict:
         if name in ("val_acc", "test_top1", "test_top5", "unsure_below") and value is not None and (
                 isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
             raise ValueError(f"provenance metrics.{name} must be a number from 0 to 1, got {str(value)[:40]!r}")
+    photos = (metrics or {}).get("val_photos")
+    if photos is not None and (isinstance(photos, bool) or not isinstance(photos, int) or not 0 <= photos <= 10**8):
+        raise ValueError(f"provenance metrics.val_photos must be a whole number from 0 to 10^8, got {str(photos)[:40]!r}")
     return dict(provenance)
 
 

@@ -12,7 +12,18 @@ from .inference import Classifier
 from .transforms import ImageLoadError, load_image, wider_shot
 from .verdict import VERDICTS
 
-__all__ = ["evaluate", "verdict_rates"]
+__all__ = ["TOO_FEW_TO_JUDGE", "evaluate", "validation_text", "verdict_rates"]
+
+TOO_FEW_TO_JUDGE = 30  # validation photos under which an accuracy is a rough sign, not a measurement
+
+
+def validation_text(right: int, n: int) -> str:
+    """A validation accuracy with its count and what it is worth: "3 of 3 validation photos right
+    (100%): too few to judge", never a bare percentage."""
+    if not n:
+        return "not measured (no validation photos)"
+    text = f"{right} of {n} validation photos right ({right / n:.0%})"
+    return text + (": too few to judge" if n < TOO_FEW_TO_JUDGE else "")
 
 
 def evaluate(classifier: Classifier, folder: str | os.PathLike, batch_size: int = 32, zoom_out: float = 1.0,

@@ -7,6 +7,7 @@ again.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -103,16 +104,24 @@ def choose_rules(labelled: dict[str, tuple[Passes, Tensor]], birds: list[Passes]
     return rules, report
 
 
-def rules_for_fine_tune(model, classes: list[str], pre, val: list, start_provenance: dict | None,
-                        keep_bird_check: float = 0.9) -> VerdictRules:
-    """Verdict rules for a freshly trained model, from its own validation photos ``val``
-    (``[(path, label)]``).
+BIRD_CHECK_SHARE = 0.5  # of the visitor's photos that must pass the start model's bird check to keep it
+MAX_CHECKED_PHOTOS = 240  # the visitor's photos the bird check is measured on, at most (spread over classes)
 
-    The unsure threshold comes from its right and wrong validation answers (or the default for
-    its class count when there are too few). The bird check and find-the-bird settings are the
-    start model's, kept only if the model has a bird score and at least ``keep_bird_check`` of the
-    validation photos pass the bird check: a model fine-tuned on flowers must not call every
-    flower "not a bird".
+
+def rules_for_fine_tune(model, classes: list[str], pre, val: list, start_provenance: dict | None,
+                        train: list = ()) -> VerdictRules:
+    """Verdict rules for a freshly trained model, from the visitor's own photos: ``val`` and
+    ``train`` (``[(path, label)]``).
+
+    - **Unsure**: the threshold that best separates the validation photos' right and wrong
+      answers (:func:`~resnext.verdict.choose_unsure`), or, with fewer than 5 of either, the
+      stated default for the class count (:func:`~resnext.verdict.default_unsure`).
+    - **Not a bird**: the start model's bird check answers "is this like the birds I was taught",
+      so it would call the visitor's own flamingos "not a bird". It is kept only where at least
+      half of the visitor's photos pass it (their classes are birds), and then lowered until every
+      one of them passes: a fine-tune never refuses what it was taught. Otherwise (flowers,
+      cars) it is off: such a model cannot say "not a bird".
+    - Find-the-bird keeps the start model's settings where the bird check stays.
     """
     from ..checkpoint import CheckpointInfo
     from ..transforms import load_image
@@ -120,21 +129,45 @@ def rules_for_fine_tune(model, classes: list[str], pre, val: list, start_provena
     info = CheckpointInfo(model.config(), list(classes), pre, {"verdict": (start_provenance or {}).get("verdict")})
     classifier = Classifier(model, info, device="cpu", fast=False)
     start = classifier.rules  # the start model's, as its checkpoint records them
-    photos = [load_image(p) for p, _ in val]
-    if not photos:
-        return VerdictRules(default_unsure(len(classes)), source="default (no validation photos)")
-    passes = run_passes(classifier, photos)
-    bird_below = start.bird_below
-    if bird_below is not None and float((passes.bird >= bird_below).float().mean()) < keep_bird_check:
-        bird_below = None
+    bird_below, bird_how = _bird_check(classifier, start.bird_below, list(val) + list(train))
     rules = VerdictRules(0.5, bird_below, start.find_below if bird_below is not None else 0.0, start.crop_weight,
                          find_margin=start.find_margin)
-    probs = combined(passes, rules)
-    top1, pred = probs.max(1)
-    labels = torch.tensor([y for _, y in val])
-    unsure, how = choose_unsure(top1[pred == labels].tolist(), top1[pred != labels].tolist(), len(classes))
-    return VerdictRules(unsure, bird_below, rules.find_below, rules.crop_weight, source=f"fine-tune validation; unsure: {how}",
-                        find_margin=rules.find_margin)
+    if val:
+        probs = combined(run_passes(classifier, [load_image(p) for p, _ in val]), rules)
+        top1, pred = probs.max(1)
+        labels = torch.tensor([y for _, y in val])
+        unsure, how = choose_unsure(top1[pred == labels].tolist(), top1[pred != labels].tolist(), len(classes))
+    else:
+        unsure, how = default_unsure(len(classes)), "default (no validation photos)"
+    return VerdictRules(unsure, bird_below, rules.find_below, rules.crop_weight,
+                        source=f"fine-tune; unsure: {how}; not a bird: {bird_how}", find_margin=rules.find_margin)
+
+
+def _bird_check(classifier: Classifier, start_below: float | None, photos: list) -> tuple[float | None, str]:
+    """(bird_below, how it was set) for a fine-tune, from the bird scores of the visitor's photos."""
+    if start_below is None:
+        return None, "off (the start model has no bird check)"
+    if not photos:
+        return None, "off (no photos to check it on)"
+    step = max(1, -(-len(photos) // MAX_CHECKED_PHOTOS))
+    checked = photos[::step]
+    from ..transforms import load_image
+
+    scores = []
+    for i in range(0, len(checked), 32):
+        images = [load_image(p) for p, _ in checked[i : i + 32]]
+        features = classifier.features(torch.stack([classifier.preprocessing(x) for x in images]))
+        scores.append(classifier.bird_scores(features, classifier.locate(features)))
+    scores = torch.cat(scores)
+    passed = float((scores >= start_below).float().mean())
+    if passed < BIRD_CHECK_SHARE:
+        return None, f"off ({passed:.0%} of {len(checked)} of the visitor's photos look like birds to the start model)"
+    lowest = float(scores.min())
+    if lowest >= start_below:
+        return start_below, f"the start model's; all {len(checked)} of the visitor's photos pass it"
+    below = math.floor(lowest / 2 * 1e6) / 1e6
+    return below, (f"the start model's {start_below:g}, lowered to {below:g} so that all {len(checked)} of the "
+                   f"visitor's photos pass it ({passed:.0%} did)")
 
 
 def _conv5(classifier: Classifier, photos: list, batch_size: int = 32, pooled: bool = False) -> Tensor:

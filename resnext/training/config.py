@@ -134,4 +134,10 @@ class TrainResult:
     seconds: float
     model: ResNeXt = field(repr=False)
     preprocessing: Preprocessing = field(repr=False)
+    epoch_choice: str = ""  # which rule chose best_epoch (see training.context.Best)
 
+    def validation_text(self) -> str:
+        """The validation accuracy with its count and worth (see :func:`resnext.evaluate.validation_text`)."""
+        from ..evaluate import validation_text
+
+        return validation_text(sum(self.confusion[i][i] for i in range(len(self.confusion))), sum(map(sum, self.confusion)))

@@ -23,7 +23,7 @@ from ..transforms import Preprocessing, load_image
 from .config import Progress, TrainConfig
 
 __all__ = [
-    "Best", "Context", "TRAINED_WITH", "augmented_training_set", "autocast_dtype", "decode", "distributed",
+    "Best", "CHOOSE_EPOCH_FROM", "Context", "TRAINED_WITH", "augmented_training_set", "autocast_dtype", "decode", "distributed",
     "eval_tensors", "evaluate_tensors", "freeze", "lr_factor", "recalibrate_batchnorm", "summarise",
 ]
 
@@ -61,17 +61,39 @@ class Context:
         return Progress(stage, elapsed_s=self.elapsed(), **fields)
 
 
-class Best:
-    """The best epoch so far: by validation accuracy, or by the lowest loss without validation."""
+CHOOSE_EPOCH_FROM = 30  # validation photos needed before they choose the epoch to keep
 
-    def __init__(self):
-        self.score, self.state, self.epoch, self.confusion = -math.inf, None, 0, None
+
+class Best:
+    """The epoch a run keeps.
+
+    With at least :data:`CHOOSE_EPOCH_FROM` validation photos: the one with the best validation
+    score (the lower validation loss on ties, then the later epoch). With fewer, the validation
+    accuracy moves in steps of a third or a tenth and its first maximum is usually an epoch or two
+    into the run, a head that has barely trained: then the run keeps its last epoch, the end of its
+    fixed schedule (the learning rate decays to zero there). ``how`` says which rule chose.
+    """
+
+    def __init__(self, n_val: int):
+        self.n_val = n_val
+        self.by_validation = n_val >= CHOOSE_EPOCH_FROM
+        self.key, self.state, self.epoch, self.confusion = None, None, 0, None
+
+    @property
+    def how(self) -> str:
+        if self.by_validation:
+            return f"chosen by the best score on {self.n_val} validation photos"
+        return (f"the last one: {self.n_val} validation photo{'s are' if self.n_val != 1 else ' is'} too few to choose "
+                f"on ({CHOOSE_EPOCH_FROM} needed)")
 
     def offer(self, epoch: int, record: dict, state: dict, confusion: Tensor, score: float | None = None) -> None:
-        if score is None:
-            score = record["val_acc"] if record["val_acc"] is not None else -record["loss"]
-        if score > self.score:
-            self.score, self.epoch, self.confusion = score, epoch, confusion
+        if self.by_validation:
+            score = record["val_acc"] if score is None else score
+            key = (score, -(record["val_loss"] if record["val_loss"] is not None else 0.0), epoch)
+        else:
+            key = (epoch,)
+        if self.key is None or key > self.key:
+            self.key, self.epoch, self.confusion = key, epoch, confusion
             self.state = {k: v.detach().cpu().clone() for k, v in state.items()}
 
     def result(self, history: list[dict]) -> tuple[dict, list[dict], int, Tensor]:

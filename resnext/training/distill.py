@@ -119,7 +119,7 @@ def run(ctx: Context):
     mix = _batch_mix(config, len(pools["unlabelled"]))
     steps_per_epoch = max(1, len(pools["labelled"]) // mix[0])
     total = config.epochs * steps_per_epoch
-    history, best, clock = [], Best(), {"step": 0, "seen": 0, "t0": time.perf_counter()}
+    history, best, clock = [], Best(len(ctx.data.val)), {"step": 0, "seen": 0, "t0": time.perf_counter()}
     for epoch in range(1, config.epochs + 1):
         model.train()
         freeze_batchnorm(model, config.train_layers)

@@ -26,7 +26,7 @@ from ..transforms import Preprocessing
 from . import distill, full, quick
 from .calibrate import rules_for_fine_tune
 from .config import Progress, TrainConfig, TrainingCancelled, TrainResult
-from .context import Context, distributed, summarise
+from .context import Best, Context, distributed, summarise
 from .start import load_start_point
 
 __all__ = ["iter_train", "train"]
@@ -72,13 +72,14 @@ def iter_train(data: Dataset, config: TrainConfig = TrainConfig(), out: str | os
     result = TrainResult(
         classes=data.classes, history=history, best_epoch=best_epoch, val_acc=val_acc, per_class_acc=per_class,
         confusion=confusion.tolist(), checkpoint=None, seconds=ctx.elapsed(), model=model, preprocessing=ctx.eval_pre,
+        epoch_choice=Best(len(data.val)).how,
     )
     if out is not None and ctx.rank == 0:
         result.checkpoint = save_checkpoint(out, model, data.classes, ctx.eval_pre, _provenance(ctx, info, result))
     if ctx.world > 1:
         dist.barrier()
     yield ctx.progress("done", epoch=best_epoch, epochs=ctx.config.epochs, val_acc=val_acc,
-                       message=f"best validation accuracy {val_acc:.1%} at epoch {best_epoch}" if val_acc is not None else "done")
+                       message=f"kept epoch {best_epoch}, {result.epoch_choice}; validation: {result.validation_text()}")
     yield result
 
 
@@ -109,7 +110,8 @@ def _context(data: Dataset, config: TrainConfig, should_stop) -> tuple[Context, 
 def _provenance(ctx: Context, info: CheckpointInfo | None, result: TrainResult) -> dict:
     """What the checkpoint records about how it was made (file names only, never this machine's paths)."""
     config, data = ctx.config, ctx.data
-    rules = rules_for_fine_tune(result.model, data.classes, ctx.eval_pre, data.val, info.provenance if info else None)
+    rules = rules_for_fine_tune(result.model, data.classes, ctx.eval_pre, data.val, info.provenance if info else None,
+                                data.train)
     init = config.init if config.init in ("default", "imagenet", "scratch") else Path(config.init).name
     provenance = {
         "data": {"root": Path(data.root).name, **data.report.to_dict(), "skipped": len(data.report.skipped)},
@@ -117,8 +119,9 @@ def _provenance(ctx: Context, info: CheckpointInfo | None, result: TrainResult) 
         "init": init,
         "epochs": config.epochs,
         "best_epoch": result.best_epoch,
+        "epoch_choice": result.epoch_choice,
         "config": {**asdict(config), "init": init, **_names_only(config)},
-        "metrics": {"val_acc": result.val_acc, "per_class_val_acc": result.per_class_acc},
+        "metrics": {"val_acc": result.val_acc, "val_photos": len(data.val), "per_class_val_acc": result.per_class_acc},
         "seconds": round(result.seconds, 1),
         "verdict": rules.to_dict(),
         "world_size": ctx.world,

@@ -71,7 +71,7 @@ def run(ctx: Context):
         mix = v2.RandomChoice([v2.MixUp(num_classes=len(ctx.classes)), v2.CutMix(num_classes=len(ctx.classes))])
     scaler = torch.amp.GradScaler("cuda") if ctx.amp == torch.float16 else None
     total = config.epochs * len(loader)
-    history, best, clock = [], Best(), {"step": 0, "seen": 0, "t0": time.perf_counter()}
+    history, best, clock = [], Best(len(ctx.data.val)), {"step": 0, "seen": 0, "t0": time.perf_counter()}
     for epoch in range(1, config.epochs + 1):
         if sampler is not None:
             sampler.set_epoch(epoch)
@@ -145,13 +145,14 @@ def _judge(ctx: Context, model, val, sums, epoch: int) -> tuple[dict, torch.Tens
 
 def _judge_average(ctx: Context, average, loader, val, history: list[dict], best: Best, total: int):
     """The raw weights were judged every epoch; the EMA once, here, with BN statistics of its own.
-    The average wins ties."""
+    The average wins ties, and wherever the validation photos are too few to choose (it is the
+    end of the run, as the last epoch is)."""
     recalibrate_batchnorm(average, loader, ctx.device, ctx.amp)
     _, confusion = evaluate_tensors(average, *val, len(ctx.classes), ctx.device, ctx.amp, ctx.rank, ctx.world)
     ema_acc, _ = summarise(confusion, ctx.classes)
     best_acc, _ = summarise(best.confusion, ctx.classes)
     history[-1]["ema_val_acc"] = ema_acc
-    if ema_acc is None or best_acc is None or ema_acc >= best_acc:
+    if not best.by_validation or ema_acc is None or best_acc is None or ema_acc >= best_acc:
         best.state = {k: v.detach().cpu().clone() for k, v in average.state_dict().items()}
         best.epoch, best.confusion = ctx.config.epochs, confusion
     yield ctx.progress("epoch", epoch=ctx.config.epochs, epochs=ctx.config.epochs, step=total, steps=total,

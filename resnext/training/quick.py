@@ -93,7 +93,7 @@ def _train_head(ctx: Context, x_train: Tensor, y_train: Tensor, x_val: Tensor, y
     total = config.epochs * steps_per_epoch
     warmup = int(config.warmup_epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(config.seed)
-    history, best, step = [], Best(), 0
+    history, best, step = [], Best(len(x_val)), 0
     for epoch in range(1, config.epochs + 1):
         order = torch.randperm(len(x_train), generator=gen)
         loss_sum = correct = 0.0
