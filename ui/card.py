@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 
 from resnext import Classifier, display_name
+from resnext.evaluate import validation_text
 
 
 def plain(text: str) -> str:
@@ -41,10 +42,16 @@ def model_card(classifier: Classifier) -> str:
         facts = [f"{k}: {plain(str(v)[:200])}" for k, v in (("mode", prov.get("mode")), ("start", prov.get("init")),
                                            ("epochs", prov.get("epochs")), ("date", prov.get("date"))) if v]
         if metrics.get("val_acc") is not None:
-            facts.append(f"validation accuracy: {metrics['val_acc']:.1%}")
+            n = metrics.get("val_photos")
+            facts.append(f"validation: {validation_text(round(metrics['val_acc'] * n), n)}" if n is not None
+                         else f"validation accuracy: {metrics['val_acc']:.1%}")
         if metrics.get("test_top1") is not None:
             facts.append(f"test top-1 / top-5: {metrics['test_top1']:.1%} / {metrics.get('test_top5', 0):.1%}")
         lines += ["", "**Provenance** — " + " · ".join(facts)]
+        rules = classifier.rules
+        check = f"under **{rules.bird_below:g}**" if rules.bird_below is not None else "off"
+        lines += ["", f"**Verdicts** — \"not sure\" under **{rules.unsure_below:.0%}** top-1 · \"not a bird\" {check} "
+                  f"· how they were set: {plain(rules.source[:400])}"]
     names = ", ".join(plain(display_name(c)) for c in classifier.classes[:100])
     more = f" … and {len(classifier.classes) - 100} more" if len(classifier.classes) > 100 else ""
     lines += ["", f"**Classes** — {names}{more}"]

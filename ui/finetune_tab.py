@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from . import try_it
 from .context import Ctx
 from .state import SLOT, new_owner, valid_owner
 from .training import MAX_CLASSES_UI, TrainRequest, check_data, run_training, status_html
@@ -41,6 +42,7 @@ class FineTuneTab:
     per_class: gr.Dataframe
     confusion: gr.Plot
     download: gr.DownloadButton
+    try_it: try_it.TryIt
 
 
 def build(ctx: Ctx) -> FineTuneTab:
@@ -75,6 +77,7 @@ def build(ctx: Ctx) -> FineTuneTab:
             status = gr.HTML(status_html("One training run at a time: if another is in progress, yours waits in the "
                                          "queue and shows its place here."), elem_id="train-status")
     report = gr.Markdown(elem_id="train-report")
+    tried = try_it.build()  # hidden until a run saves a model
     # Hidden until the first epoch: gradio 6.31's LinePlot loses its colours for good when the
     # first value it receives is an empty table, so it is never sent one.
     plot = gr.LinePlot(x="epoch", y="value", color="metric", label="Loss and accuracy per epoch",
@@ -85,7 +88,8 @@ def build(ctx: Ctx) -> FineTuneTab:
         confusion = gr.Plot(label="Confusion matrix (validation)", elem_id="confusion", min_width=300)
     download = gr.DownloadButton("Download the new model (.safetensors)", visible=False, elem_id="download")
     return FineTuneTab(zip_file, names, uploads, groups, gr.State(2), add_class, remove_class, mode, start, epochs,
-                       image_size, new_name, check, train, stop, status, report, plot, per_class, confusion, download)
+                       image_size, new_name, check, train, stop, status, report, plot, per_class, confusion, download,
+                       tried)
 
 
 def request(owner, current_model, zip_file, mode, start, epochs, image_size, new_name, *classes) -> TrainRequest:
@@ -100,12 +104,14 @@ def wire(ctx: Ctx, tab: FineTuneTab) -> None:
     """The tab's events, after every tab is built (a finished run selects its model everywhere)."""
     inputs = [ctx.session, ctx.model_name, tab.zip_file, tab.mode, tab.start, tab.epochs, tab.image_size, tab.new_name,
               *tab.names, *tab.uploads]
-    results = [tab.status, tab.report, tab.plot, tab.per_class, tab.confusion, tab.download]
+    results = [tab.status, tab.report, tab.plot, tab.per_class, tab.confusion, tab.download, tab.try_it.box,
+               tab.try_it.photos, tab.try_it.gallery, tab.try_it.label, tab.try_it.verdict, tab.try_it.photo]
 
     def train(*values):
         req = request(*values)
         yield {tab.plot: gr.LinePlot(visible=False), tab.download: gr.DownloadButton(visible=False),
-               tab.per_class: None, tab.confusion: None, tab.stop: gr.Button("Stop", interactive=True)}
+               tab.per_class: None, tab.confusion: None, tab.stop: gr.Button("Stop", interactive=True),
+               tab.try_it.box: gr.Column(visible=False)}
         for view in run_training(ctx.registry, req):
             yield _updates(ctx, tab, req.owner, view)
 
@@ -131,12 +137,13 @@ def wire(ctx: Ctx, tab: FineTuneTab) -> None:
     # The button, not the status line, says "stopping": this quick answer (queue=False) can arrive
     # after the run's own last word ("Stopped") and must not overwrite it.
     tab.stop.click(stop, ctx.session, tab.stop, queue=False, **PRIVATE)
+    try_it.wire(ctx, tab.try_it)
 
 
 def _updates(ctx: Ctx, tab: FineTuneTab, owner: str, view) -> dict:
     status = view.status
     if view.new_model:
-        status += status_html("It is selected in the Classify tab, and only you can see it.")
+        status += status_html("Try it below; it is also selected in the Classify tab, and only you can see it.")
     updates = {tab.status: status}
     if view.done:
         updates[tab.stop] = gr.Button("Stop", interactive=True)
@@ -151,4 +158,5 @@ def _updates(ctx: Ctx, tab: FineTuneTab, owner: str, view) -> dict:
         updates[tab.download] = gr.DownloadButton(value=view.model_file, visible=True)
     if view.new_model:
         updates.update(ctx.select(owner, view.new_model))
+        updates.update(tab.try_it.shown(view.tries or []))
     return updates

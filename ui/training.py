@@ -17,6 +17,7 @@ from resnext import display_name
 
 from .card import plain
 from .state import SLOT, Models, removed_message, safe_name
+from .try_it import validation_photos
 
 MAX_CLASSES_UI = 12
 SMALL_VALIDATION = 30  # fewer validation photos than this (or under 5 in a class): say the number is rough
@@ -52,6 +53,7 @@ class TrainView:
     model_file: str | None = None
     new_model: str | None = None  # the registered name, at the end of a run that saved one
     done: bool = False  # the run's last word (saved or stopped)
+    tries: list | None = None  # [(thumbnail, class)]: validation photos for the "Try it" panel
 
 
 def status_html(text: str, fraction: float | None = None, eta_s: float | None = None) -> str:
@@ -285,15 +287,15 @@ def _finished(result, data, records: list[dict], out: Path, name: str | None, re
     import pandas as pd
 
     counts = data.report.val_counts
-    acc = f"{result.val_acc:.0%}" if result.val_acc is not None else "not measured (no validation photos)"
     warning = small_validation_warning(counts)
     kept = (f"Saved as <b>{html.escape(out.stem)}</b>." if name else
             f"Saved as {html.escape(out.name)}: the file is yours, and this server keeps no copy.")
-    status = f"Done in {result.seconds:.0f} s: validation accuracy {acc}. {kept}"
+    status = f"Done in {result.seconds:.0f} s. Validation: {result.validation_text()}. {kept}"
     if warning:
         status += f"<div class='unsure'>{warning.replace('**', '')}</div>"
     if removed:
         status += f"<div class='unsure'>{html.escape(removed)}</div>"
     return TrainView(status_html(status), history=pd.DataFrame(records) if records else None,
                      per_class=per_class_rows(result, counts), figure=confusion_figure(result.confusion, result.classes),
-                     model_file=str(result.checkpoint), new_model=name and out.stem, done=True)
+                     model_file=str(result.checkpoint), new_model=name and out.stem, done=True,
+                     tries=validation_photos(data.val, result.classes) if name else None)
