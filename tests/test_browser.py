@@ -6,6 +6,7 @@ example photos' species, so the examples show as they do with the real bird mode
 """
 
 import json
+import re
 import struct
 import shutil
 import zipfile
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_shapes, tiny_model
+from conftest import SHAPES, make_shapes, tiny_model
 from resnext import Preprocessing, save_checkpoint
 from serve import AppServer
 
@@ -106,6 +107,12 @@ def train(page, archive: Path, model_name: str, mode: str = "quick", epochs: str
     page.locator("#train").click()
 
 
+def answered(page) -> None:
+    """Wait for the Try it panel's verdict (the model's answer to the photo in its box)."""
+    page.wait_for_function("() => /sure enough|Not sure|No bird/.test(document.querySelector('#try-verdict').innerText)",
+                           timeout=60_000)
+
+
 def model_options(page) -> list[str]:
     page.get_by_role("tab", name="Classify").click()
     page.locator("#classify-model input").click()
@@ -126,10 +133,30 @@ def test_upload_shows_top_k_and_heatmap(page, tmp_path):
 def test_finetune_a_zip_then_classify_with_the_new_model(page, tmp_path):
     archive = shapes_zip(tmp_path)
     train(page, archive, "shapes model")
-    page.locator("#train-status").get_by_text("Saved as").wait_for(timeout=120_000)
+    status = page.locator("#train-status")
+    status.get_by_text("Saved as").wait_for(timeout=120_000)
+    # the validation accuracy with its count and its worth, never a bare percentage
+    assert re.search(r"Validation: \d of 3 validation photos right \(\d+%\): too few to judge", status.inner_text())
     shot(page, "finetune")
+    # Try it, in the tab: a photo dropped, then one of the run's validation photos picked
+    panel = page.locator("#try-it")
+    panel.wait_for()
+    panel.locator("#try-photo input[type=file]").set_input_files(str(next((tmp_path / "shapes" / "red disc").glob("*.png"))))
+    answered(page)
+    bars = page.locator("#try-answer").inner_text()
+    assert sum(name in bars for name in SHAPES[:3]) == 3 and "Blue" not in bars  # the new model's classes answer
+    assert page.locator("#try-examples img").count() == 3  # one validation photo per class
+    before = page.locator("#try-photo img").get_attribute("src"), page.locator("#try-verdict").inner_text()
+    page.locator("#try-examples img").nth(0).click()  # a blue bar: the photo box shows it, and it is answered
+    page.wait_for_function("([src, text]) => document.querySelector('#try-photo img').src !== src && "
+                           "document.querySelector('#try-verdict').innerText !== text", arg=before, timeout=60_000)
+    answered(page)
+    shot(page, "finetune-try")
     page.get_by_role("tab", name="Model").click()
     page.locator("#model-card").get_by_text("red disc").wait_for(timeout=30_000)  # selected: its card is shown
+    card = page.locator("#model-card").inner_text()
+    assert re.search(r"validation: \d of 3 validation photos right \(\d+%\): too few to judge", card)
+    assert "how they were set: fine-tune; unsure: default (" in card
     shot(page, "model")
     page.get_by_role("tab", name="Classify").click()
     upload(page, next((tmp_path / "shapes" / "red disc").glob("*.png")))

@@ -46,8 +46,8 @@ def build() -> TryIt:
             with gr.Column(min_width=260):
                 label = gr.Label(label="Your model says", num_top_classes=5, elem_id="try-answer")
                 verdict = gr.Markdown(elem_id="try-verdict")
-        gallery = gr.Gallery(label="Your validation photos: click one", columns=6, height="auto", allow_preview=False,
-                             elem_id="try-examples", buttons=[], object_fit="cover")
+        gallery = gr.Gallery(label="Your validation photos: click one", columns=8, rows=1, height=170, allow_preview=False,
+                             elem_id="try-examples", buttons=[], object_fit="contain")
     return TryIt(box, photo, label, verdict, gallery, gr.State([]))
 
 
@@ -82,11 +82,12 @@ def wire(ctx: Ctx, tab: TryIt) -> None:
             return None, ""
         return answer(ctx, owner, model, image)
 
-    def on_pick(owner, model, photos, evt: gr.SelectData):
+    def on_pick(photos, evt: gr.SelectData):
+        """The picked photo goes into the photo box, whose change answers it: what is shown is what was asked."""
         index = evt.index if isinstance(evt.index, int) else -1
         if not 0 <= index < len(photos or []):
             raise gr.Error("Pick one of the photos shown.")
-        return answer(ctx, owner, model, photos[index])
+        return photos[index]
 
     tab.photo.change(on_photo, [ctx.session, ctx.model_name, tab.photo], [tab.label, tab.verdict], **PRIVATE)
-    tab.gallery.select(on_pick, [ctx.session, ctx.model_name, tab.photos], [tab.label, tab.verdict], **PRIVATE)
+    tab.gallery.select(on_pick, tab.photos, tab.photo, **PRIVATE)
