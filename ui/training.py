@@ -14,13 +14,14 @@ from pathlib import Path
 import gradio as gr
 
 from resnext import display_name
+from resnext.evaluate import TOO_FEW_TO_JUDGE
 
 from .card import plain
 from .state import SLOT, Models, removed_message, safe_name
 from .try_it import validation_photos
 
 MAX_CLASSES_UI = 12
-SMALL_VALIDATION = 30  # fewer validation photos than this (or under 5 in a class): say the number is rough
+SMALL_VALIDATION = TOO_FEW_TO_JUDGE  # fewer validation photos (or under 5 in a class): say the number is rough
 STAGES = {"features": "Computing features", "train": "Training", "epoch": "Training"}
 
 

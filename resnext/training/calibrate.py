@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..inference import Classifier
+from ..transforms import load_image
 from ..verdict import VerdictRules, choose_unsure, default_unsure
 
 __all__ = ["Passes", "run_passes", "choose_rules", "combined", "bird_shot_maps", "fit_bird_head", "refit_locator", "rules_for_fine_tune"]
@@ -124,7 +125,6 @@ def rules_for_fine_tune(model, classes: list[str], pre, val: list, start_provena
     - Find-the-bird keeps the start model's settings where the bird check stays.
     """
     from ..checkpoint import CheckpointInfo
-    from ..transforms import load_image
 
     info = CheckpointInfo(model.config(), list(classes), pre, {"verdict": (start_provenance or {}).get("verdict")})
     classifier = Classifier(model, info, device="cpu", fast=False)
@@ -151,8 +151,6 @@ def _bird_check(classifier: Classifier, start_below: float | None, photos: list)
         return None, "off (no photos to check it on)"
     step = max(1, -(-len(photos) // MAX_CHECKED_PHOTOS))
     checked = photos[::step]
-    from ..transforms import load_image
-
     scores = []
     for i in range(0, len(checked), 32):
         images = [load_image(p) for p, _ in checked[i : i + 32]]

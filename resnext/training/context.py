@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data import Dataset
+from ..evaluate import TOO_FEW_TO_JUDGE
 from ..fast import _cpu_has_bf16
 from ..model import ResNeXt
 from ..transforms import Preprocessing, load_image
@@ -61,7 +62,7 @@ class Context:
         return Progress(stage, elapsed_s=self.elapsed(), **fields)
 
 
-CHOOSE_EPOCH_FROM = 30  # validation photos needed before they choose the epoch to keep
+CHOOSE_EPOCH_FROM = TOO_FEW_TO_JUDGE  # validation photos needed before they choose the epoch to keep
 
 
 class Best:
