@@ -349,3 +349,23 @@ def test_two_clicks_make_a_box_whichever_corners_they_are():
     assert first == {"first": [300, 40]} and "opposite corner" in hint
     assert corner(first, 100, 200)[0] == {"box": [100, 40, 300, 200]}  # top-right, then bottom-left
     assert corner({"box": [1, 2, 3, 4]}, 5, 6)[0] == {"first": [5, 6]}  # a third click starts again
+
+
+def test_a_webcam_shot_joins_the_chosen_class_and_bad_ones_are_refused_in_one_line(photo_file, tmp_path, monkeypatch):
+    from ui import webcam
+    from ui.fixes import Unreadable
+
+    uploads = [[str(photo_file)], None, None]
+    assert webcam.add_shot(1, str(photo_file), uploads) == (1, [str(photo_file)])
+    assert webcam.add_shot(0, str(photo_file), uploads) == (0, [str(photo_file)] * 2)
+    text = tmp_path / "note.png"
+    text.write_text("not a photo")
+    for index, shot, words in [(0, None, "Take a photo first"), (0, Unreadable("the file is empty"), "the file is empty"),
+                               (3, str(photo_file), "Pick one of the 3 classes"), (True, str(photo_file), "Pick one"),
+                               (0, str(text), "That photo cannot be used: ")]:
+        with pytest.raises(gr.Error) as err:
+            webcam.add_shot(index, shot, uploads)
+        assert words in str(err.value) and "\n" not in str(err.value)
+    monkeypatch.setattr(webcam, "MAX_PHOTOS_PER_CLASS", 2)
+    with pytest.raises(gr.Error, match="Class 1 already has 2 photos"):
+        webcam.add_shot(0, str(photo_file), [[str(photo_file)] * 2])

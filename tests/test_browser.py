@@ -28,7 +28,8 @@ if not Path(CHROMIUM).exists():
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "test-output"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run"]
+         "--disable-component-update", "--no-first-run",
+         "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]  # a test-pattern webcam
 BIRDS = ["Blue_Jay", "Cedar_Waxwing", "Summer_Tanager", "Carolina_Wren", "White_Pelican"]
 DEFAULT = "resnext50_32x4d_cub100_tiny"  # as long as the real default model's name
 DESKTOP, PHONE = {"width": 1280, "height": 900}, {"width": 390, "height": 844}
@@ -168,6 +169,22 @@ def test_finetune_a_zip_then_classify_with_the_new_model(page, tmp_path):
         wait_answer(page, "red disc")
     finally:
         shot(page, "finetune-classify")
+
+
+def test_a_webcam_photo_joins_the_class_chosen_for_it(page):
+    page.get_by_role("tab", name="Fine-tune").click()
+    page.locator("#webcam-box").get_by_text("Take photos with the webcam").click()
+    camera = page.locator("#webcam-shot")
+    camera.get_by_text("Click to Access Webcam").click()
+    camera.locator("button[aria-label='capture photo']").click()
+    camera.locator("img").wait_for(timeout=30_000)
+    page.locator("#webcam-class input").click()
+    page.get_by_role("option", name="Class 3").click()
+    assert page.locator("#class-2-photos").is_hidden()  # only two classes are shown at first
+    page.locator("#webcam-add").click()
+    page.locator("#class-2-photos").get_by_text(".png").first.wait_for(timeout=30_000)  # shown, with the photo
+    assert page.locator("#class-0-photos").get_by_text(".png").count() == 0  # and only there
+    shot(page, "webcam-class")
 
 
 def test_stop_ends_a_full_run(page, tmp_path):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from . import try_it
+from . import try_it, webcam
 from .context import Ctx
 from .state import SLOT, new_owner, valid_owner
 from .training import MAX_CLASSES_UI, TrainRequest, check_data, run_training, status_html
@@ -43,6 +43,7 @@ class FineTuneTab:
     confusion: gr.Plot
     download: gr.DownloadButton
     try_it: try_it.TryIt
+    webcam: webcam.Webcam
 
 
 def build(ctx: Ctx) -> FineTuneTab:
@@ -60,6 +61,7 @@ def build(ctx: Ctx) -> FineTuneTab:
             with gr.Row():
                 add_class = gr.Button("+ Add class", size="sm")
                 remove_class = gr.Button("− Remove class", size="sm")
+            camera = webcam.build(MAX_CLASSES_UI)
         with gr.Column(min_width=300):
             mode = gr.Radio(["quick", "full"], value="quick", label="Mode")
             start = gr.Radio(["current model", "ImageNet", "scratch"], value="current model", label="Start from")
@@ -89,7 +91,7 @@ def build(ctx: Ctx) -> FineTuneTab:
     download = gr.DownloadButton("Download the new model (.safetensors)", visible=False, elem_id="download")
     return FineTuneTab(zip_file, names, uploads, groups, gr.State(2), add_class, remove_class, mode, start, epochs,
                        image_size, new_name, check, train, stop, status, report, plot, per_class, confusion, download,
-                       tried)
+                       tried, camera)
 
 
 def request(owner, current_model, zip_file, mode, start, epochs, image_size, new_name, *classes) -> TrainRequest:
@@ -138,6 +140,16 @@ def wire(ctx: Ctx, tab: FineTuneTab) -> None:
     # after the run's own last word ("Stopped") and must not overwrite it.
     tab.stop.click(stop, ctx.session, tab.stop, queue=False, **PRIVATE)
     try_it.wire(ctx, tab.try_it)
+
+    def add_photo(count, index, shot, *uploads):
+        """A webcam shot joins a class's photos (the class shown if it was hidden); the shot is cleared."""
+        index, photos = webcam.add_shot(index, shot, list(uploads))
+        count = max(count, index + 1)
+        return [count, *[gr.Group(visible=i < count) for i in range(MAX_CLASSES_UI)],
+                *[photos if i == index else gr.skip() for i in range(MAX_CLASSES_UI)], None]
+
+    tab.webcam.add.click(add_photo, [tab.visible_classes, tab.webcam.target, tab.webcam.shot, *tab.uploads],
+                         [tab.visible_classes, *tab.groups, *tab.uploads, tab.webcam.shot], **PRIVATE)
 
 
 def _updates(ctx: Ctx, tab: FineTuneTab, owner: str, view) -> dict:
