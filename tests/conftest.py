@@ -113,6 +113,37 @@ def shapes_backbone(folder: Path, classes: list[str]) -> Path:
     return save_checkpoint(folder / "shapes_backbone.safetensors", trained.eval(), classes, Preprocessing(64, 72))
 
 
+def red_is_no_bird(folder: Path) -> Path:
+    """A start model with a bird check that, like the real model's with flamingos, refuses one kind
+    of subject: a :func:`shapes_backbone` whose bird head is fit to call red discs "not a bird"
+    (``bird_below`` 0.5) and every other shape a bird."""
+    from resnext import load_checkpoint, load_image
+    from resnext.training.calibrate import _fit_logistic
+
+    model, info = load_checkpoint(shapes_backbone(folder, SHAPES))
+    seen = make_shapes(folder / "bird or not", classes=4, per_class=15, seed=5)
+    photos = sorted(seen.rglob("*.png"))
+    with torch.no_grad():
+        pooled = model.forward_features(torch.stack([info.preprocessing(load_image(p)) for p in photos])).mean((2, 3))
+    bird = torch.tensor([0.0 if p.parent.name == "red disc" else 1.0 for p in photos])
+    weight, bias, _ = _fit_logistic(pooled, bird, torch.ones(len(photos)), l2=1e-3)
+    model.add_bird_head()
+    with torch.no_grad():
+        model.bird.weight.copy_(weight[None])
+        model.bird.bias.copy_(bias.view(1))
+    rules = {"unsure_below": 0.3, "bird_below": 0.5, "find_below": 0.0, "crop_weight": 0.5, "source": "test"}
+    return save_checkpoint(folder / "red is no bird.safetensors", model, SHAPES, info.preprocessing, {"verdict": rules})
+
+
+def mostly_not_red(root: Path) -> Path:
+    """A visitor's data where the odd class is the one :func:`red_is_no_bird` refuses: 30 photos
+    of each of three shapes and 6 red discs (so 13 of the 14 validation photos pass that check)."""
+    make_shapes(root, classes=4, per_class=30, seed=11)
+    for extra in sorted((root / "red disc").glob("*.png"))[6:]:
+        extra.unlink()
+    return root
+
+
 OWNER = "0123456789abcdef0123456789abcdef"  # a visitor's token, as the app makes them
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SHAPES, make_shapes, shapes_backbone, tiny_model
+from conftest import SHAPES, make_shapes, mostly_not_red, red_is_no_bird, shapes_backbone, tiny_model
 from resnext import Preprocessing, save_checkpoint
 from serve import AppServer
 
@@ -185,6 +185,28 @@ def test_a_webcam_photo_joins_the_class_chosen_for_it(page):
     page.locator("#class-2-photos").get_by_text(".png").first.wait_for(timeout=30_000)  # shown, with the photo
     assert page.locator("#class-0-photos").get_by_text(".png").count() == 0  # and only there
     shot(page, "webcam-class")
+
+
+def test_a_fine_tune_never_refuses_the_kind_it_was_taught_as_not_a_bird(page, tmp_path):
+    """The visitor's current model calls red discs "not a bird" (as the real one calls flamingos);
+    they fine-tune on shapes among which are red discs: their new model answers them plainly."""
+    start = red_is_no_bird(tmp_path)
+    page.get_by_role("tab", name="Model").click()
+    page.locator("#model-upload input[type=file]").set_input_files(str(start))
+    page.locator("#model-card").get_by_text("Wren-ü").wait_for(timeout=30_000)  # selected: the start point
+    data = mostly_not_red(tmp_path / "mine")
+    archive = tmp_path / "mine.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted(data.rglob("*.png")):
+            zf.write(f, f.relative_to(data).as_posix())
+    train(page, archive, "reds too")
+    page.locator("#train-status").get_by_text("Saved as").wait_for(timeout=120_000)
+    red = sorted((data / "red disc").glob("*.png"))[0]  # one in the page; every photo in test_train
+    page.locator("#try-photo input[type=file]").set_input_files(str(red))
+    answered(page)
+    assert "No bird" not in page.locator("#try-answer").inner_text()
+    assert page.locator("#try-verdict").inner_text().startswith("red disc (")
+    shot(page, "reds-too")
 
 
 def test_stop_ends_a_full_run(page, tmp_path):

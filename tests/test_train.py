@@ -310,3 +310,24 @@ def test_a_quick_fine_tune_is_sure_of_the_photos_it_was_taught(tmp_path):
     answers = classifier.predict([load_image(p) for p, _ in photos], k=1)
     plainly_right = sum(a.verdict == "species" and a[0].label == data.classes[y] for a, (_, y) in zip(answers, photos))
     assert plainly_right >= 15, [(a.verdict, a[0].label, round(a[0].prob, 2)) for a in answers]  # measured: 17 of 18
+
+
+def test_a_fine_tune_never_calls_a_kind_it_was_taught_not_a_bird(tmp_path):
+    """The start model's bird check refuses red discs (as the real one refuses flamingos); the
+    visitor teaches red discs among other shapes. Keeping the start's check because 13 of 14
+    validation photos passed it called all 6 red discs "not a bird"; now every photo passes, and
+    each is answered with its own class."""
+    from conftest import mostly_not_red, red_is_no_bird
+
+    start = load_classifier(red_is_no_bird(tmp_path))
+    data = load_dataset(mostly_not_red(tmp_path / "mine"))
+    photos = data.train + data.val
+    images = [load_image(p) for p, _ in photos]
+    reds = [i for i, (_, y) in enumerate(photos) if data.classes[y] == "red disc"]
+    assert all(a.verdict == "not_a_bird" for a in (start.predict([images[i] for i in reds], k=1)))
+    result = train(data, TrainConfig(mode="quick", init=str(start.path)), out=tmp_path / "mine.safetensors")
+    classifier = load_classifier(result.checkpoint)
+    assert classifier.rules.bird_below is not None and "so that all 96 of the visitor's photos pass it" in classifier.rules.source
+    answers = classifier.predict(images, k=1)
+    assert [a.verdict for a in answers].count("not_a_bird") == 0
+    assert sum(a.verdict == "species" and a[0].label == data.classes[y] for a, (_, y) in zip(answers, photos)) >= 90
