@@ -386,6 +386,24 @@ def test_7_bad_files_are_named_in_plain_words(page, tmp_path, content, words):
     shot(page, "7-bad-file")
 
 
+def test_every_broken_file_after_a_photo_is_named_and_cleared(page, tmp_path):
+    """Not only the first on a page: once an answer has updated the photo box, Gradio serves the
+    session a new copy of it, which used to read the next broken file itself and fail with red
+    "Error" badges, a broken-image icon and the previous answer left on the page."""
+    upload(page, photo(tmp_path))
+    wait_answer(page)
+    for i, (content, words) in enumerate([(b"", "the file is empty"), (b"shopping list\n", "this is text, not a photo"),
+                                          (b"", "the file is empty")]):
+        bad = tmp_path / f"holiday-{i}.jpg"
+        bad.write_bytes(content)
+        upload(page, bad)
+        page.locator(".toast-body").get_by_text(words).last.wait_for(timeout=30_000)  # the reason, in words
+        page.wait_for_function("document.querySelectorAll('#photo img').length == 0", timeout=30_000)  # cleared
+        assert page.get_by_text("Error", exact=True).count() == 0, f"red badges after broken file {i + 1}"
+        assert page.locator("#caption").inner_text().strip() == "" and page.locator("#top3").is_hidden()
+    shot(page, "broken-files")
+
+
 def test_8_heatmap_size_captions_and_batch_table(page, tmp_path):
     upload(page, photo(tmp_path, size=(800, 600)))
     wait_answer(page)

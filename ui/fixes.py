@@ -68,24 +68,39 @@ def plain_reason(err: Exception) -> str:
     return reason.split(" (", 1)[0]  # "damaged or cut short (PIL's own words)" -> the plain part
 
 
+GENTLE = "gentle-photo"  # the class that marks a photo input (it survives Gradio's copies of the component)
+
+
 def photo_input(**kwargs) -> gr.Image:
     """A ``gr.Image`` handing over the uploaded file's path. Gradio peeks at every upload; a file
     that is not a photo becomes :class:`Unreadable` instead of an exception, so the handler can say
-    what the file is and clear it without red "Error" badges on every output. The method is
-    wrapped on the instance: a subclass would be taken for a custom component with no front end."""
-    component = gr.Image(type="filepath", image_mode=None, **kwargs)  # Gradio only reads the header
-    preprocess = component.preprocess
+    what the file is and clear it without red "Error" badges on every output.
 
-    def gentle(payload):
+    The leniency lives on ``gr.Image`` itself, for the inputs marked with :data:`GENTLE`: once an
+    event has updated a component, Gradio keeps a fresh instance of it for the session, built from
+    its constructor arguments (a patch on the instance was lost there, and every broken file after
+    the first got red badges); the marker is one of those arguments. A subclass would be taken for
+    a custom component with no front end."""
+    _make_image_inputs_gentle()
+    classes = [*(kwargs.pop("elem_classes", None) or []), GENTLE]
+    return gr.Image(type="filepath", image_mode=None, elem_classes=classes, **kwargs)  # Gradio only reads the header
+
+
+def _make_image_inputs_gentle() -> None:
+    if getattr(gr.Image.preprocess, "gentle", False):
+        return
+    strict = gr.Image.preprocess
+
+    def preprocess(self, payload):
+        if GENTLE not in (self.elem_classes or []):
+            return strict(self, payload)
         try:
-            path = preprocess(payload)
+            return strict(self, payload)
         except Exception:  # noqa: BLE001 - any failure here means "not a photo we can read"
-            path = getattr(payload, "path", None)
-            return Unreadable(_reason_for(path))
-        return path
+            return Unreadable(_reason_for(getattr(payload, "path", None)))
 
-    component.preprocess = gentle
-    return component
+    preprocess.gentle = True
+    gr.Image.preprocess = preprocess
 
 
 def _reason_for(path) -> str:
