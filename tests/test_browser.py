@@ -346,6 +346,23 @@ def test_4_a_trained_model_is_selected_at_once_and_hides_the_bird_examples(page,
     assert "red disc" in [o.strip() for o in page.get_by_role("option").all_inner_texts()]
 
 
+def test_a_class_chosen_to_explain_one_photo_does_not_carry_over_to_the_next(page, tmp_path):
+    upload(page, photo(tmp_path, "first.jpg"))
+    wait_answer(page)
+    page.locator("#explain-options, .label-wrap").get_by_text("Explanation options").click()
+    page.locator("#target input").click()
+    page.get_by_role("option", name="White Pelican").click()
+    page.locator("#caption").get_by_text("decide White Pelican").wait_for(timeout=30_000)
+    rng = np.random.default_rng(1)
+    second = tmp_path / "second.jpg"
+    Image.fromarray(rng.integers(0, 255, (200, 260, 3), dtype=np.uint8)).save(second)
+    upload(page, second)
+    page.wait_for_function("document.querySelector('#target input').value === 'Top-1 prediction'", timeout=30_000)
+    lines = [line.strip() for line in page.locator("#prediction").inner_text().splitlines()]
+    top1 = next(line for line in lines if line.replace(" ", "_") in BIRDS)  # the first class listed
+    page.locator("#caption").get_by_text(f"decide {top1}").wait_for(timeout=30_000)  # its own top-1, explained
+
+
 def test_5_training_reports_say_what_they_are_worth(page, tmp_path):
     archive = shapes_zip(tmp_path)
     with zipfile.ZipFile(archive, "a") as zf:  # a fourth class with a long name

@@ -139,6 +139,11 @@ def wire(ctx: Ctx, tab: ClassifyTab) -> None:
         """A new photo, or "Use the whole photo": forget the box and answer for all of it."""
         return {**run(*values[:-1], None), tab.box: None, tab.box_hint: BOX_HINT, tab.clear_box: gr.Button(visible=False)}
 
+    def new_photo(name, owner, image, k, target, method, opacity, box):
+        """A new photo: the whole of it, explained for its own top-1 (a class chosen for the last
+        photo would explain this one for a species it may give 0 %)."""
+        return {**whole_photo(name, owner, image, k, TOP1, method, opacity, box), ctx.target: TOP1}
+
     def clicked(name, owner, image, k, target, method, opacity, box, evt: gr.SelectData):
         box, hint = corner(box, *evt.index[:2])
         updates = {tab.box: box, tab.box_hint: hint, tab.clear_box: gr.Button(visible=True)}
@@ -149,7 +154,7 @@ def wire(ctx: Ctx, tab: ClassifyTab) -> None:
     more = outputs + [tab.box_hint, tab.clear_box]
     on_answer = {**PRIVATE, "show_progress_on": [tab.label, tab.overlay]}  # never over the photo being clicked
     tab.button.click(run, inputs, outputs, **on_answer)
-    tab.photo.change(whole_photo, inputs, more, **on_answer).then(None, js=SCROLL_TO_ANSWER)  # upload, paste, example
+    tab.photo.change(new_photo, inputs, more + [ctx.target], **on_answer).then(None, js=SCROLL_TO_ANSWER)  # upload, paste, example
     tab.photo.select(clicked, inputs, more, **on_answer)
     tab.clear_box.click(whole_photo, inputs, more, **on_answer)
     for control in (ctx.target, tab.method):
