@@ -120,12 +120,15 @@ def test_not_a_bird_is_said_instead_of_a_species(registry, photo, monkeypatch):
     torch.nn.init.zeros_(locator.bias)  # a bird score of exactly 0.5 everywhere
     monkeypatch.setattr(classifier.model, "locator", locator)
     monkeypatch.setattr(classifier, "rules", VerdictRules(unsure_below=0.0, bird_below=0.99))
-    label, _, _, caption, explanation = answers.classify(classifier, photo, 3)
+    label, _, top3, caption, explanation = answers.classify(classifier, photo, 3)
     assert explanation.verdict == "not_a_bird" and label == "No bird found"
     assert "does not look like a bird photo" in caption
+    # nothing else talks of a species or a bird: no species tiles, no "looked to decide <species>"
+    assert top3 == [] and "decide" not in caption and "there is no species to explain" in caption
+    assert "🚫" not in caption  # an empty box where there are no emoji fonts
     monkeypatch.setattr(classifier, "rules", VerdictRules(unsure_below=0.0, bird_below=0.01))
-    label, _, _, caption, _ = answers.classify(classifier, photo, 3)
-    assert isinstance(label, dict) and "bird photo" not in caption
+    label, _, top3, caption, _ = answers.classify(classifier, photo, 3)
+    assert isinstance(label, dict) and "bird photo" not in caption and len(top3) == 3 and "decide" in caption
 
 
 def test_explain_another_class_and_method(registry, photo):

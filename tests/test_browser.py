@@ -209,6 +209,20 @@ def test_a_fine_tune_never_refuses_the_kind_it_was_taught_as_not_a_bird(page, tm
     shot(page, "reds-too")
 
 
+def test_a_no_bird_answer_talks_of_no_species(page, tmp_path):
+    """"No bird found": no species tiles, no "where the model looked to decide <species>"."""
+    page.get_by_role("tab", name="Model").click()
+    page.locator("#model-upload input[type=file]").set_input_files(str(red_is_no_bird(tmp_path)))
+    page.locator("#model-card").get_by_text("Wren-ü").wait_for(timeout=30_000)
+    page.get_by_role("tab", name="Classify").click()
+    upload(page, make_shapes(tmp_path / "a photo", classes=1, per_class=1, seed=3) / "red disc" / "000.png")
+    page.locator("#prediction").get_by_text("No bird found").wait_for(timeout=60_000)
+    caption = page.locator("#caption")
+    caption.get_by_text("no species to explain").wait_for(timeout=30_000)
+    assert "decide" not in caption.inner_text() and page.locator("#top3").is_hidden()
+    shot(page, "no-bird")
+
+
 def test_stop_ends_a_full_run(page, tmp_path):
     train(page, shapes_zip(tmp_path, classes=2, per_class=30), "long", mode="full", epochs="100")
     page.locator("#train-status").get_by_text("epoch").first.wait_for(timeout=60_000)

@@ -90,7 +90,9 @@ def classify(classifier: Classifier, image, top_k: int = 5, target: str | None =
     label = {display_name(p.label): p.prob for p in main.predictions}
     if main.verdict == "not_a_bird":
         label = "No bird found"
-    gallery = [(_small(e.overlay_with(opacity)), f"{display_name(e.label)} · {e.prob:.0%}") for e in trio] if top3 else []
+    bird = main.verdict != "not_a_bird"  # with no bird, no species tiles to compare
+    gallery = [(_small(e.overlay_with(opacity)), f"{display_name(e.label)} · {e.prob:.0%}") for e in trio] \
+        if top3 and bird else []
     lines = caption_lines(classifier, main)
     lines.append(f"<span class='small-print'>{elapsed:.0f} ms · {classifier.device.type.upper()} · "
                  f"{classifier.fast_path}</span>")
@@ -127,7 +129,10 @@ def caption_lines(classifier: Classifier, main) -> list[str]:
         what = "The bird" if main.verdict == "species" else "What looked most like a bird"  # there may be none
         lines.append(f"{what} was small in the photo, so I also looked closer at it (the green box).")
     method = METHOD_NAMES.get(main.method, main.method)
-    if main.method in CLASS_FREE:
+    if main.verdict == "not_a_bird":
+        lines.append(f"What the network looked at most ({method} on conv5). With no bird, there is no species to "
+                     "explain.")
+    elif main.method in CLASS_FREE:
         lines.append(f"What the network's conv5 features respond to most strongly ({method}: the same map "
                      "whichever class you pick).")
     else:
@@ -140,7 +145,7 @@ def verdict_message(classifier: Classifier, answer) -> str:
     """A plain sentence for an answer that is not a confident species."""
     best = answer[0]
     if answer.verdict == "not_a_bird":
-        return ("<div class='unsure'>🚫 <b>This does not look like a bird photo.</b> If there is a bird, try a "
+        return ("<div class='unsure'><b>This does not look like a bird photo.</b> If there is a bird, try a "
                 f"photo where it is larger (my closest guess, {display_name(best.label)} at {best.prob:.0%}, "
                 "would not mean much).</div>\n")
     return (f"<div class='unsure'>⚠️ <b>Not sure</b> — my best guess is {display_name(best.label)} at only "

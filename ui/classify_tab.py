@@ -108,7 +108,7 @@ def answer(ctx: Ctx, tab: ClassifyTab, name, owner, image, k, target, method, op
         return {**tab.cleared(), tab.photo: None, tab.box: None}
     shown = classify(ctx.registry.get(name, owner), image, k, target, method, opacity, box=box)
     return {tab.label: page_label(shown), tab.overlay: shown.overlay, tab.caption: shown.caption,
-            tab.explanation: shown.explanation, tab.top3_row: gr.Row(visible=True),
+            tab.explanation: shown.explanation, tab.top3_row: gr.Row(visible=bool(shown.top3)),
             **{tile: img for tile, (img, _) in zip(tab.top3, shown.top3)},
             **{cap: text for cap, (_, text) in zip(tab.top3_captions, shown.top3)}}
 
