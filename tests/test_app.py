@@ -214,6 +214,11 @@ def test_upload_refuses_pickles_and_broken_files_and_keeps_the_model(registry, t
         upload_model(registry, OWNER, str(broken))
     assert registry.names(OWNER) == [registry.default]
     assert not registry.folder(OWNER).exists()  # no half-kept file, not even an empty folder
+    noise = tmp_path / "noise.safetensors"
+    noise.write_bytes(b"\xff" * 8 + b"x" * 192)  # its first 8 bytes declare a header of 18 quintillion bytes
+    with pytest.raises(gr.Error) as err:
+        upload_model(registry, OWNER, str(noise))
+    assert err.value.message == "That file is not a usable model: not a safetensors file, or truncated"
 
 
 def test_an_uploaded_model_is_its_owners_only(registry, tiny_checkpoint, tmp_path):

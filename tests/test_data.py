@@ -92,7 +92,7 @@ def test_refusals_name_the_problem(tmp_path):
     root = make_shapes(tmp_path / "case", classes=2, per_class=3)
     make_shapes(tmp_path / "tmp", classes=1, per_class=2)
     (tmp_path / "tmp" / SHAPES[0]).rename(root / SHAPES[0].upper())
-    with pytest.raises(DataError, match="differ only by case"):
+    with pytest.raises(DataError, match="differ only by upper and lower case: 'RED DISC' and 'red disc'; rename one"):
         load_dataset(root)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_dataset(tmp_path / "nowhere")

@@ -434,7 +434,7 @@ UPLOADS: dict[str, Upload] = {
     "empty class folder": Upload(_empty_class, refused=r"class 'Empty' has no usable image"),
     "single class": Upload(lambda p: write_zip(p, _class_entries({"Robin": 0})), refused=r"found 1 class folder"),
     "classes differing by case": Upload(
-        lambda p: write_zip(p, _class_entries({"Robin": 0, "robin": 1})), refused=r"differ only by case: \['Robin', 'robin'\]"
+        lambda p: write_zip(p, _class_entries({"Robin": 0, "robin": 1})), refused=r"differ only by upper and lower case: 'Robin' and 'robin'; rename one"
     ),
     "../ entry": Upload(
         lambda p: write_zip(p, _class_entries({"Robin": 0, "Wren": 1}) + [("Robin/../../escaped.png", _png(0, 5))]),

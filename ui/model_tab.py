@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def _keep(registry: Models, owner: str, path: Path) -> tuple[str, list[str]]:
         load_classifier(staging, device="cpu", fast=False)  # full check: metadata, shapes, values
         staging.replace(target)
     except (ValueError, FileNotFoundError, OSError) as err:
-        raise gr.Error(f"That file is not a usable model: {str(err).split(': ', 1)[-1]}") from None
+        reason = re.sub(r" \(header claims [^)]*\)", "", str(err).split(": ", 1)[-1])  # not a 19-digit length
+        raise gr.Error(f"That file is not a usable model: {reason}") from None
     except Exception as err:  # noqa: BLE001 - a stranger's file: nothing it does may escape as a bare "Error"
         raise gr.Error(f"That file is not a usable model ({type(err).__name__}).") from None
     finally:
