@@ -299,6 +299,12 @@ def test_confusion_matrix_shows_full_names():
     assert labels == ["African Crowned Crane Balearica Regulorum", "Blue Jay"]
 
 
+def test_confusion_counts_are_readable_on_dark_and_light_cells():
+    figure = confusion_figure([[9, 1], [2, 8]], ["a", "b"])
+    colours = {t.get_text(): t.get_color() for t in figure.axes[0].texts}
+    assert colours == {"9": "white", "8": "white", "1": "black", "2": "black"}  # not black on navy
+
+
 def test_build_demo_without_launching(registry):
     demo = ui.build_demo(registry)
     assert isinstance(demo, gr.Blocks)

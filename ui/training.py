@@ -176,10 +176,12 @@ def confusion_figure(confusion: list[list[int]], classes: list[str]):
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     if n <= 20:
+        darkest = max(max(row) for row in confusion) or 1
         for i in range(n):
             for j in range(n):
-                if confusion[i][j]:
-                    ax.text(j, i, confusion[i][j], ha="center", va="center", fontsize=8)
+                if confusion[i][j]:  # white on the darker half of the blues, black on the lighter
+                    ax.text(j, i, confusion[i][j], ha="center", va="center", fontsize=8,
+                            color="white" if confusion[i][j] > darkest / 2 else "black")
     fig.tight_layout()
     return fig
 
