@@ -383,3 +383,21 @@ def test_a_webcam_shot_joins_the_chosen_class_and_bad_ones_are_refused_in_one_li
     monkeypatch.setattr(webcam, "MAX_PHOTOS_PER_CLASS", 2)
     with pytest.raises(gr.Error, match="Class 1 already has 2 photos"):
         webcam.add_shot(0, str(photo_file), [[str(photo_file)] * 2])
+
+
+def test_the_page_says_in_plain_words_what_it_does_and_which_species_it_knows(registry):
+    from ui.card import in_short, model_card
+    from ui.context import species_list
+
+    demo = ui.build_demo(registry)
+    texts = [c.get("props", {}).get("value") for c in demo.config["components"]]
+    header = next(t for t in texts if isinstance(t, str) and t.startswith("# "))
+    assert "names its species" in header and "knows the 5 species listed here" in header
+    assert not any(word in header for word in ("ResNeXt", "Grad-CAM", "conv5"))  # no jargon up front
+    assert species_list(registry.get().classes) in texts  # the list, under the header
+    assert species_list(["Cactus_Wren", "Blue_Jay"]) == "2 classes: Blue Jay, Cactus Wren"
+    card = model_card(registry.get(), shipped=True)
+    assert card.startswith("**In short.** Names **5 bird species**") and "non-commercial" in card
+    assert card.index("In short") < card.index("### ResNeXt")  # the summary first, then the architecture
+    other = in_short(registry.get(), shipped=False)
+    assert "Names **5 classes**: Black-footed Albatross, Cactus Wren" in other and "not measured" in other and "Terms" not in other

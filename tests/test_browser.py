@@ -158,7 +158,7 @@ def test_finetune_a_zip_then_classify_with_the_new_model(page, tmp_path):
     answered(page)
     shot(page, "finetune-try")
     page.get_by_role("tab", name="Model").click()
-    page.locator("#model-card").get_by_text("red disc").wait_for(timeout=30_000)  # selected: its card is shown
+    page.locator("#model-card").get_by_text("red disc").first.wait_for(timeout=30_000)  # selected: its card is shown
     card = page.locator("#model-card").inner_text()
     assert re.search(r"validation: \d of 3 validation photos right \(\d+%\): too few to judge", card)
     assert "how they were set: fine-tune; unsure: default (" in card
@@ -193,7 +193,7 @@ def test_a_fine_tune_never_refuses_the_kind_it_was_taught_as_not_a_bird(page, tm
     start = red_is_no_bird(tmp_path)
     page.get_by_role("tab", name="Model").click()
     page.locator("#model-upload input[type=file]").set_input_files(str(start))
-    page.locator("#model-card").get_by_text("Wren-ü").wait_for(timeout=30_000)  # selected: the start point
+    page.locator("#model-card").get_by_text("Wren-ü").first.wait_for(timeout=30_000)  # selected: the start point
     data = mostly_not_red(tmp_path / "mine")
     archive = tmp_path / "mine.zip"
     with zipfile.ZipFile(archive, "w") as zf:
@@ -213,7 +213,7 @@ def test_a_no_bird_answer_talks_of_no_species(page, tmp_path):
     """"No bird found": no species tiles, no "where the model looked to decide <species>"."""
     page.get_by_role("tab", name="Model").click()
     page.locator("#model-upload input[type=file]").set_input_files(str(red_is_no_bird(tmp_path)))
-    page.locator("#model-card").get_by_text("Wren-ü").wait_for(timeout=30_000)
+    page.locator("#model-card").get_by_text("Wren-ü").first.wait_for(timeout=30_000)
     page.get_by_role("tab", name="Classify").click()
     upload(page, make_shapes(tmp_path / "a photo", classes=1, per_class=1, seed=3) / "red disc" / "000.png")
     page.locator("#prediction").get_by_text("No bird found").wait_for(timeout=60_000)
@@ -221,6 +221,22 @@ def test_a_no_bird_answer_talks_of_no_species(page, tmp_path):
     caption.get_by_text("no species to explain").wait_for(timeout=30_000)
     assert "decide" not in caption.inner_text() and page.locator("#top3").is_hidden()
     shot(page, "no-bird")
+
+
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
+def test_a_first_visitor_learns_what_it_does_and_which_species_it_knows(browser, server, viewport):
+    page = open_page(browser, server, viewport)
+    try:
+        header = page.locator("#header").inner_text()
+        assert "names its species" in header and "ResNeXt" not in header and "conv5" not in header
+        page.locator("#species-box").get_by_text("Which species does it know?").click()
+        page.locator("#species-list").get_by_text("5 classes: Blue Jay, Carolina Wren, Cedar Waxwing").wait_for()
+        shot(page, f"species-{'phone' if viewport == PHONE else 'desktop'}")
+        page.get_by_role("tab", name="Model").click()
+        card = page.locator("#model-card").inner_text()
+        assert card.startswith("In short. Names 5 bird species") and card.index("In short") < card.index("ResNeXt, layers")
+    finally:
+        page.context.close()
 
 
 def test_stop_ends_a_full_run(page, tmp_path):
@@ -305,7 +321,7 @@ def test_4_a_visitors_models_are_theirs_alone(browser, server, tmp_path):
                                  Preprocessing(input_size=64, resize=72))
         mine.get_by_role("tab", name="Model").click()
         mine.locator("#model-upload input[type=file]").set_input_files(str(secret))
-        mine.locator("#model-card").get_by_text("Kakapo").wait_for(timeout=30_000)
+        mine.locator("#model-card").get_by_text("Kakapo").first.wait_for(timeout=30_000)
         assert "secret birds" in model_options(mine)
         theirs.reload()
         theirs.locator("#classify-model input").wait_for()

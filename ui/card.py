@@ -13,8 +13,41 @@ def plain(text: str) -> str:
     escaped = html.escape(str(text), quote=False)
     return "".join(f"\\{c}" if c in "\\`*_[]()#|<>!~" else c for c in escaped)
 
-def model_card(classifier: Classifier) -> str:
-    """Markdown: the architecture stage by stage, the classes, where the model comes from."""
+SHIPPED_LIMITS = ("It was taught on photos where the bird fills most of the frame: small or distant birds, odd angles "
+                  "and species it does not know get \"not sure\", and it may call birds unlike CUB's (a flamingo, "
+                  "a penguin) \"not a bird\".")
+SHIPPED_TERMS = ("For non-commercial research and education only, as the CUB-200-2011 photos it was trained on "
+                 "(the example photos too).")
+
+
+def in_short(classifier: Classifier, shipped: bool) -> str:
+    """The plain summary the Model tab starts with: what the model knows, how good it is, its
+    limits and its terms."""
+    n = len(classifier.classes)
+    metrics = (classifier.info.provenance or {}).get("metrics") or {}
+    if shipped:
+        knows = f"Names **{n} bird species**, mostly North American, from the CUB-200-2011 collection."
+    else:
+        knows = f"Names **{n} classes**: {', '.join(plain(display_name(c)) for c in classifier.classes[:12])}" + \
+                (" …" if n > 12 else "") + "."
+    if metrics.get("test_top1") is not None:
+        tested = metrics.get("test_n")
+        on = f"{tested:,} test photos" if isinstance(tested, int) else "its test photos"
+        good = (f"On {on} its first answer is right {metrics['test_top1']:.0%} of the time, and the right one is "
+                f"among its top 5 {metrics.get('test_top5', 0):.0%} of the time.")
+    elif metrics.get("val_acc") is not None and metrics.get("val_photos") is not None:
+        good = f"Validation: {validation_text(round(metrics['val_acc'] * metrics['val_photos']), metrics['val_photos'])}."
+    else:
+        good = "How good it is was not measured."
+    limits = SHIPPED_LIMITS if shipped else ("It knows only these classes: anything else gets the closest of them, "
+                                             "or \"not sure\".")
+    terms = f" **Terms:** {SHIPPED_TERMS}" if shipped else ""
+    return f"**In short.** {knows} {good} **Limits:** {limits}{terms}"
+
+
+def model_card(classifier: Classifier, shipped: bool = False) -> str:
+    """Markdown: a plain summary (:func:`in_short`), then the architecture stage by stage, the
+    classes, where the model comes from. ``shipped``: the app's default model."""
     from resnext.summary import stage_table
 
     info = classifier.info
@@ -22,6 +55,8 @@ def model_card(classifier: Classifier) -> str:
     size = classifier.preprocessing.input_size
     rows = stage_table(classifier.model, size)
     lines = [
+        in_short(classifier, shipped),
+        "",
         f"### ResNeXt, layers {arch['layers']}, cardinality {arch['cardinality']}, group depth {arch['group_depth']}",
         f"{len(classifier.classes)} classes · input {size} px (resize {classifier.preprocessing.resize}, "
         f"centre crop) · runs on {classifier.device.type.upper()} ({classifier.fast_path})",

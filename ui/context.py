@@ -18,6 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets"
 
 
+def species_list(classes: list[str]) -> str:
+    """The active model's classes in name order, as the list under the header."""
+    from .card import plain
+
+    names = sorted(display_name(c) for c in classes)
+    return f"{len(names)} classes: " + ", ".join(plain(n) for n in names)
+
+
 def examples() -> list[str]:
     return sorted(str(p) for p in ASSETS.glob("*.jpg")) if ASSETS.is_dir() else []
 
@@ -44,14 +52,15 @@ class Ctx:
     model_name: gr.State = None  # the session's model
     pickers: list = field(default_factory=list)  # the model dropdowns (Classify, Model)
     card: gr.Markdown = None
+    species: gr.Markdown = None  # the active model's classes, under the header
     target: gr.Dropdown = None
     top_k: gr.Slider = None
     example_box: gr.Column = None
     reanswer: tuple = None  # (fn, inputs, outputs): the Classify tab's answer, re-run after a model change
 
     def selection_outputs(self) -> list:
-        return [self.session, self.remembered, self.model_name, *self.pickers, self.card, self.target, self.top_k,
-                self.example_box]
+        return [self.session, self.remembered, self.model_name, *self.pickers, self.card, self.species, self.target,
+                self.top_k, self.example_box]
 
     def select(self, owner: str | None, name: str | None) -> dict:
         """Everything that follows from the session using model ``name``."""
@@ -65,7 +74,8 @@ class Ctx:
             self.session: owner,
             self.remembered: {"owner": owner, "sig": signature(self.key, owner), "model": name},
             self.model_name: name,
-            self.card: model_card(classifier),
+            self.card: model_card(classifier, shipped=name == self.registry.default),
+            self.species: species_list(classifier.classes),
             self.target: gr.Dropdown(choices=classes, value=TOP1),
             self.top_k: gr.Slider(maximum=min(10, n), value=min(5, n)),
             self.example_box: gr.Column(visible=knows_examples(classifier.classes)),

@@ -9,7 +9,7 @@ import gradio as gr
 
 from . import api, classify_tab, finetune_tab, model_tab
 from .answers import KEEP_FILES_S
-from .context import Ctx
+from .context import Ctx, species_list
 from .state import Models
 
 THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
@@ -28,8 +28,9 @@ CSS = """
   #photo, #overlay {max-height: 320px}
 }
 """
-HEADER = ("# ResNeXt bird classifier\nUpload a bird photo: the model names the species and shows **where it "
-          "looked** (Grad-CAM from the network's conv5 stage).")
+HEADER = ("# Bird species from a photo\nDrop a photo of a bird: the app names its species, says so when it is not "
+          "sure or sees no bird, and shows where in the photo it looked. It knows the {n} species listed here; "
+          "teach it your own in *Fine-tune*.")
 
 
 # Gradio encrypts a BrowserState in the browser with a key it sends to the browser: a fixed label,
@@ -46,7 +47,9 @@ def build_demo(registry: Models, key: bytes | None = None) -> gr.Blocks:
         ctx.model_name = gr.State(registry.default)
         ctx.remembered = gr.BrowserState({"owner": None, "sig": None, "model": None}, storage_key="resnext-visitor",
                                          secret=BROWSER_STATE_LABEL)
-        gr.Markdown(HEADER)
+        gr.Markdown(HEADER.format(n=len(registry.get(registry.default).classes)), elem_id="header")
+        with gr.Accordion("Which species does it know?", open=False, elem_id="species-box"):
+            ctx.species = gr.Markdown(species_list(registry.get(registry.default).classes), elem_id="species-list")
         with gr.Tab("Classify"):
             classify = classify_tab.build(ctx)
         with gr.Tab("Fine-tune"):

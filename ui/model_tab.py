@@ -72,7 +72,7 @@ def build(ctx: Ctx) -> tuple[gr.Dropdown, gr.File]:
                              elem_id="model-picker")
         upload = gr.File(file_types=[".safetensors"], label="Add a model (.safetensors), for you only", scale=1,
                          min_width=200, elem_id="model-upload")
-    ctx.card = gr.Markdown(model_card(registry.get(registry.default)), elem_id="model-card")
+    ctx.card = gr.Markdown(model_card(registry.get(registry.default), shipped=True), elem_id="model-card")
     ctx.pickers.append(picker)
     return picker, upload
 
