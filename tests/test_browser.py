@@ -478,12 +478,19 @@ def test_9_the_visitor_can_box_the_bird(page, tmp_path):
     image = page.locator("#photo img").first
     box = image.bounding_box()
     image.click(position={"x": box["width"] * 0.4, "y": box["height"] * 0.3})
+    marks = page.locator("#photo .box-mark")
+    assert marks.count() == 1  # the first corner shows on the photo at once
+    corner = marks.first.bounding_box()
+    assert abs(corner["x"] + corner["width"] / 2 - (box["x"] + box["width"] * 0.4)) < 8
     page.locator("#box-hint").get_by_text("opposite corner").wait_for(timeout=30_000)
     image.click(position={"x": box["width"] * 0.8, "y": box["height"] * 0.9})
+    drawn = marks.nth(1).bounding_box()  # the box, on the photo, before the answer comes back
+    assert abs(drawn["width"] - box["width"] * 0.4) < 6 and abs(drawn["height"] - box["height"] * 0.6) < 6
     page.locator("#caption").get_by_text("inside the box you drew").wait_for(timeout=60_000)
     shot(page, "9-boxed")
     page.locator("#clear-box").click()
     page.locator("#caption").get_by_text("inside the box you drew").wait_for(state="detached", timeout=60_000)
+    assert marks.count() == 0
 
 
 def test_8_example_photos_have_captions_and_answer_when_clicked(page):

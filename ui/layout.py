@@ -33,6 +33,44 @@ HEADER = ("# Bird species from a photo\nDrop a photo of a bird: the app names it
           "teach it your own in *Fine-tune*.")
 
 
+# A click on the photo marks the first corner at once, and the second draws the box, before the
+# answer comes back (the server keeps the box; this only shows it). A new photo, or "Use the whole
+# photo", clears the marks.
+BOX_MARKS_JS = """() => {
+  if (window.boxMarks) return; window.boxMarks = true;
+  let first = null;
+  const clear = () => { document.querySelectorAll('.box-mark').forEach(m => m.remove()); first = null; };
+  const mark = (frame, style) => {
+    const m = document.createElement('div');
+    m.className = 'box-mark';
+    Object.assign(m.style, {position: 'absolute', pointerEvents: 'none', border: '2px solid #16a34a',
+                            boxShadow: '0 0 0 1px white', zIndex: 5}, style);
+    frame.appendChild(m);
+  };
+  document.addEventListener('click', (e) => {
+    if (e.target.closest('#clear-box')) { clear(); return; }
+    const img = e.target.closest('#photo img');
+    if (!img) return;
+    const frame = img.parentElement;
+    if (getComputedStyle(frame).position === 'static') frame.style.position = 'relative';
+    const f = frame.getBoundingClientRect(), x = e.clientX - f.left, y = e.clientY - f.top;
+    if (!first || first.src !== img.src) {
+      clear();
+      first = {x, y, src: img.src};
+      mark(frame, {left: x - 7 + 'px', top: y - 7 + 'px', width: '10px', height: '10px', borderRadius: '50%'});
+    } else {
+      mark(frame, {left: Math.min(first.x, x) + 'px', top: Math.min(first.y, y) + 'px', borderStyle: 'dashed',
+                   width: Math.abs(x - first.x) + 'px', height: Math.abs(y - first.y) + 'px'});
+      first = null;
+    }
+  }, true);
+  new MutationObserver((changes) => {
+    const ours = (n) => n.classList && n.classList.contains('box-mark');
+    if (changes.some(c => c.type === 'attributes' ||
+        [...c.addedNodes, ...c.removedNodes].some(n => !ours(n)))) clear();
+  }).observe(document.querySelector('#photo'), {subtree: true, childList: true, attributes: true, attributeFilter: ['src']});
+}"""
+
 # Gradio encrypts a BrowserState in the browser with a key it sends to the browser: a fixed label,
 # not a secret. What is stored there is the visitor's own token and the server's signature of it.
 BROWSER_STATE_LABEL = "resnext-visitor-v2"
@@ -61,4 +99,5 @@ def build_demo(registry: Models, key: bytes | None = None) -> gr.Blocks:
         model_tab.wire(ctx, picker, upload)
         api.register(ctx, classify, fine_tune)
         demo.load(ctx.restore, ctx.remembered, ctx.selection_outputs(), api_visibility="private")
+        demo.load(None, js=BOX_MARKS_JS)
     return demo
