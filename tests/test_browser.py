@@ -469,6 +469,9 @@ def test_8_heatmap_size_captions_and_batch_table(page, tmp_path):
     page.wait_for_function("document.querySelector('#batch-table').innerText.includes('b.jpg')", timeout=60_000)
     assert "%" in table.inner_text() and "0." not in table.inner_text()
     assert table.evaluate("e => e.scrollWidth <= e.parentElement.clientWidth + 1")
+    right = table.bounding_box()["x"] + table.bounding_box()["width"]
+    last = table.locator("th").filter(has_text="p3").first.bounding_box()
+    assert last["x"] + last["width"] <= right + 1  # every column shown whole, the last one too
     shot(page, "8-batch")
 
 
