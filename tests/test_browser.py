@@ -504,6 +504,19 @@ def test_8_example_photos_have_captions_and_answer_when_clicked(page):
     assert page.locator("#photo img").count() == 1  # the example became the photo
 
 
+def test_on_a_desktop_the_examples_and_the_answer_share_the_first_view(page):
+    gallery = page.locator("#examples")
+    gallery.get_by_text("Cedar Waxwing").wait_for(timeout=30_000)
+    before = gallery.bounding_box()
+    assert before["y"] + 120 < DESKTOP["height"]  # a row of examples in the first view, no scrolling
+    gallery.locator("img").nth(2).click()
+    wait_answer(page)
+    page.locator("#top3").wait_for()
+    answer = page.locator("#prediction").bounding_box()
+    assert page.evaluate("window.scrollY") + answer["y"] >= 0 and answer["y"] + 100 < DESKTOP["height"]  # in view
+    assert gallery.bounding_box()["y"] == before["y"]  # the answer's top-3 row does not push the examples away
+
+
 def test_a_hostile_model_file_gets_a_plain_warning_and_changes_nothing(page, tmp_path):
     """A 300-byte file declaring a network of 10^300 blocks (it once grew the server to 21 GB):
     a one-line reason, the picker and card as they were, no red "Error" badge."""

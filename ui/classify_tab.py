@@ -54,11 +54,16 @@ def build(ctx: Ctx) -> ClassifyTab:
     n = len(first.classes)
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=300):
-            photo = photo_input(label="Photo", sources=["upload", "webcam", "clipboard"], height=400, elem_id="photo")
+            photo = photo_input(label="Photo", sources=["upload", "webcam", "clipboard"], height=360, elem_id="photo")
             box_hint = gr.Markdown(BOX_HINT, elem_id="box-hint", elem_classes="small-print")
             with gr.Row():
                 button = gr.Button("Classify", variant="primary", elem_id="classify", min_width=120)
                 clear_box = gr.Button("Use the whole photo", size="sm", visible=False, elem_id="clear-box", min_width=120)
+            # Under the photo, in the first view on a desktop, where the answer's top-3 row cannot push them down
+            with gr.Column(visible=knows_examples(first.classes) and bool(examples()), elem_id="examples") as example_box:
+                example_gallery = gr.Gallery([(p, example_species(p).title()) for p in examples()],
+                                             label="Example photos (click one)", columns=5, height="auto",
+                                             allow_preview=False, object_fit="cover", elem_id="example-gallery", buttons=[])
         with gr.Column(scale=1, min_width=300, elem_id="answer"):
             label = gr.Label(label=PREDICTION, show_heading=True, elem_id="prediction")
             caption = gr.Markdown(elem_id="caption")
@@ -81,10 +86,6 @@ def build(ctx: Ctx) -> ClassifyTab:
                              label="Explain which class", filterable=True, elem_id="target")
         method = gr.Dropdown([(v, k) for k, v in METHOD_NAMES.items()], value="gradcam", label="CAM method",
                              elem_id="method")
-    with gr.Column(visible=knows_examples(first.classes) and bool(examples()), elem_id="examples") as example_box:
-        example_gallery = gr.Gallery([(p, example_species(p).title()) for p in examples()], label="Example photos (click one)",
-                                     columns=5, height="auto", allow_preview=False, object_fit="cover",
-                                     elem_id="example-gallery", buttons=[])
     with gr.Accordion("Several photos at once", open=False):
         many = gr.File(file_count="multiple", file_types=["image"], label="Photos", elem_id="many")
         many_button = gr.Button("Classify all", elem_id="classify-all")
