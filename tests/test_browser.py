@@ -381,6 +381,8 @@ def test_a_class_chosen_to_explain_one_photo_does_not_carry_over_to_the_next(pag
     wait_answer(page)
     page.locator("#explain-options, .label-wrap").get_by_text("Explanation options").click()
     page.locator("#target input").click()
+    page.keyboard.type("pelic")  # replaces "Top-1 prediction" (it used to append to it and find nothing)
+    assert page.locator("#target input").input_value() == "pelic"
     page.get_by_role("option", name="White Pelican").click()
     page.locator("#caption").get_by_text("decide White Pelican").wait_for(timeout=30_000)
     rng = np.random.default_rng(1)

@@ -35,8 +35,8 @@ HEADER = ("# Bird species from a photo\nDrop a photo of a bird: the app names it
 
 # A click on the photo marks the first corner at once, and the second draws the box, before the
 # answer comes back (the server keeps the box; this only shows it). A new photo, or "Use the whole
-# photo", clears the marks.
-BOX_MARKS_JS = """() => {
+# photo", clears the marks. And the class box selects its text when entered.
+PAGE_JS = """() => {
   if (window.boxMarks) return; window.boxMarks = true;
   let first = null;
   const clear = () => { document.querySelectorAll('.box-mark').forEach(m => m.remove()); first = null; };
@@ -47,6 +47,8 @@ BOX_MARKS_JS = """() => {
                             boxShadow: '0 0 0 1px white', zIndex: 5}, style);
     frame.appendChild(m);
   };
+  // Typing in "Explain which class" replaces its text (it appended to "Top-1 prediction" and found nothing).
+  document.addEventListener('focusin', (e) => { if (e.target.matches('#target input')) e.target.select(); });
   document.addEventListener('click', (e) => {
     if (e.target.closest('#clear-box')) { clear(); return; }
     const img = e.target.closest('#photo img');
@@ -99,5 +101,5 @@ def build_demo(registry: Models, key: bytes | None = None) -> gr.Blocks:
         model_tab.wire(ctx, picker, upload)
         api.register(ctx, classify, fine_tune)
         demo.load(ctx.restore, ctx.remembered, ctx.selection_outputs(), api_visibility="private")
-        demo.load(None, js=BOX_MARKS_JS)
+        demo.load(None, js=PAGE_JS)
     return demo
