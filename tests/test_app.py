@@ -299,10 +299,15 @@ def test_confusion_matrix_shows_full_names():
     assert labels == ["African Crowned Crane Balearica Regulorum", "Blue Jay"]
 
 
-def test_confusion_counts_are_readable_on_dark_and_light_cells():
+def test_confusion_counts_are_readable_on_dark_and_light_cells(registry):
     figure = confusion_figure([[9, 1], [2, 8]], ["a", "b"])
     colours = {t.get_text(): t.get_color() for t in figure.axes[0].texts}
     assert colours == {"9": "white", "8": "white", "1": "black", "2": "black"}  # not black on navy
+    # its title is in the figure, not Gradio's floating label, which covered a cell on a phone
+    assert figure.axes[0].get_title() == "Confusion matrix (validation photos)"
+    demo = ui.build_demo(registry)
+    plot = next(c for c in demo.config["components"] if c.get("props", {}).get("elem_id") == "confusion")
+    assert plot["props"]["show_label"] is False
 
 
 def test_build_demo_without_launching(registry):

@@ -87,7 +87,8 @@ def build(ctx: Ctx) -> FineTuneTab:
     with gr.Row():
         per_class = gr.Dataframe(headers=["class", "validation accuracy", "validation photos"], interactive=False,
                                  elem_id="per-class", min_width=300)
-        confusion = gr.Plot(label="Confusion matrix (validation)", elem_id="confusion", min_width=300)
+        # The title is drawn in the figure: Gradio's label floats over the plot and hid a cell on a phone
+        confusion = gr.Plot(label="Confusion matrix (validation)", show_label=False, elem_id="confusion", min_width=300)
     download = gr.DownloadButton("Download the new model (.safetensors)", visible=False, elem_id="download")
     return FineTuneTab(zip_file, names, uploads, groups, gr.State(2), add_class, remove_class, mode, start, epochs,
                        image_size, new_name, check, train, stop, status, report, plot, per_class, confusion, download,

@@ -175,6 +175,7 @@ def confusion_figure(confusion: list[list[int]], classes: list[str]):
     ax.set_yticks(range(n), names, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
+    ax.set_title("Confusion matrix (validation photos)", fontsize=10)
     if n <= 20:
         darkest = max(max(row) for row in confusion) or 1
         for i in range(n):
