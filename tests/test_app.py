@@ -9,9 +9,10 @@ import gradio as gr
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import ui
-from resnext import display_name
+from resnext import Preprocessing, display_name, save_checkpoint
 from resnext.verdict import VerdictRules
 from ui import answers
 from ui.card import model_card
@@ -20,7 +21,7 @@ from ui.model_tab import upload_model
 from ui.state import SLOT, valid_owner
 from ui.training import check_data, confusion_figure, run_training, small_validation_warning
 
-from conftest import CLASSES, OWNER, class_inputs, make_shapes, train_request
+from conftest import CLASSES, OWNER, SHAPES, class_inputs, make_shapes, tiny_model, train_request
 
 
 def test_classify_returns_label_overlay_top3_and_caption(registry, photo):
@@ -406,3 +407,24 @@ def test_the_page_says_in_plain_words_what_it_does_and_which_species_it_knows(re
     assert card.index("In short") < card.index("### ResNeXt")  # the summary first, then the architecture
     other = in_short(registry.get(), shipped=False)
     assert "Names **5 classes**: Black-footed Albatross, Cactus Wren" in other and "not measured" in other and "Terms" not in other
+
+
+def test_reference_photos_shipped_kept_with_a_fine_tune_and_removed_with_it(registry, tmp_path):
+    from ui.references import SPECIES, reference, save_references
+    from ui.state import refs_folder
+
+    classifier = registry.get()  # a tiny model with CUB class names: the shipped photos serve it
+    assert reference(classifier, "Cactus_Wren") == SPECIES / "Cactus_Wren.jpg"
+    assert len(list(SPECIES.glob("*.jpg"))) == 100  # one per species of the default model
+    assert reference(classifier, "Dodo") is None
+    # a visitor's model: one of its own training photos per class, beside its file
+    data = make_shapes(tmp_path / "mine", classes=2, per_class=3)
+    train = [(p, i) for i, name in enumerate(SHAPES[:2]) for p in sorted((data / name).glob("*.png"))]
+    model = registry.new_file(OWNER, "shapes")
+    save_checkpoint(model, tiny_model(2), SHAPES[:2], Preprocessing(64, 72))
+    save_references(model, train)
+    mine = registry.get("shapes", OWNER)
+    assert reference(mine, "green square") == refs_folder(model) / "00001.jpg"
+    assert max(Image.open(reference(mine, "green square")).size) <= 160
+    registry.forget(model)
+    assert not refs_folder(model).exists()  # removed with the model (quota, disk cap)

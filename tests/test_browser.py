@@ -167,6 +167,7 @@ def test_finetune_a_zip_then_classify_with_the_new_model(page, tmp_path):
     upload(page, next((tmp_path / "shapes" / "red disc").glob("*.png")))
     try:
         wait_answer(page, "red disc")
+        page.locator("#ref-0 img").wait_for(timeout=30_000)  # its own photo of the class, kept with the model
     finally:
         shot(page, "finetune-classify")
 
@@ -504,6 +505,11 @@ def test_8_example_photos_have_captions_and_answer_when_clicked(page):
     gallery.locator("img").nth(2).click()
     wait_answer(page)
     assert page.locator("#photo img").count() == 1  # the example became the photo
+    # a reference photo of each of the top 3 species, to compare the answer with
+    for i in range(3):
+        page.locator(f"#ref-{i} img").wait_for(timeout=30_000)
+    assert page.locator("#ref-0").get_by_text("What it looks like").count() == 1
+    shot(page, "references")
 
 
 def test_on_a_desktop_the_examples_and_the_answer_share_the_first_view(page):

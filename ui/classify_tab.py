@@ -8,11 +8,12 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from resnext import display_name
+from resnext import display_name, load_image
 
 from .answers import BATCH_HEADERS, METHOD_NAMES, PREDICTION, TOP1, classify, page_label, reblend
 from .context import Ctx, example_species, examples, knows_examples
 from .fixes import Unreadable, photo_input
+from .references import reference
 
 PRIVATE = {"api_visibility": "private"}
 BOX_HINT = "Bird small in the photo? **Click two opposite corners of it** on the photo to look only there."
@@ -42,6 +43,7 @@ class ClassifyTab:
     many_button: gr.Button
     model: gr.Dropdown
     example_gallery: gr.Gallery
+    refs: list  # a reference photo under each top-3 tile, where the model has one
 
     def cleared(self) -> dict:
         return {self.label: page_label(), self.overlay: None, self.caption: "", self.explanation: None,
@@ -71,12 +73,14 @@ def build(ctx: Ctx) -> ClassifyTab:
                                elem_id="overlay", buttons=["download", "fullscreen"])
             opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="Heatmap opacity", elem_id="opacity")
     with gr.Row(elem_id="top3", visible=False) as top3_row:
-        top3, top3_captions = [], []
+        top3, top3_captions, refs = [], [], []
         for i in range(3):
             with gr.Column(min_width=80, elem_classes="top3-tile"):
                 top3.append(gr.Image(type="pil", interactive=False, height=160, elem_id=f"top3-{i}", buttons=[],
                                      show_label=False))
                 top3_captions.append(gr.Markdown(elem_classes="tile-caption"))
+                refs.append(gr.Image(type="pil", interactive=False, height=110, elem_id=f"ref-{i}", buttons=[],
+                                     label="What it looks like", show_label=True, visible=False))
     with gr.Row():
         classify_model = gr.Dropdown(registry.names(), value=registry.default, label="Model", min_width=260,
                                      elem_id="classify-model")
@@ -95,7 +99,7 @@ def build(ctx: Ctx) -> ClassifyTab:
     ctx.pickers.append(classify_model)
     ctx.target, ctx.top_k, ctx.example_box = target, top_k, example_box
     tab = ClassifyTab(photo, top3_row, top3_captions, label, overlay, caption, opacity, top3, gr.State(None), box_hint, clear_box, gr.State(None),
-                      method, many, table, csv_file, button, many_button, classify_model, example_gallery)
+                      method, many, table, csv_file, button, many_button, classify_model, example_gallery, refs)
     return tab
 
 
@@ -107,11 +111,16 @@ def answer(ctx: Ctx, tab: ClassifyTab, name, owner, image, k, target, method, op
     if isinstance(image, Unreadable):
         gr.Warning(f"That file cannot be used: {image.reason}.")
         return {**tab.cleared(), tab.photo: None, tab.box: None}
-    shown = classify(ctx.registry.get(name, owner), image, k, target, method, opacity, box=box)
+    classifier = ctx.registry.get(name, owner)
+    shown = classify(classifier, image, k, target, method, opacity, box=box)
+    # the top-3 tiles explain the top 3 predictions, in order: each gets its species' reference photo
+    refs = [reference(classifier, p.label) for p in shown.explanation.predictions[:3]] if shown.top3 else []
+    refs += [None] * (3 - len(refs))
     return {tab.label: page_label(shown), tab.overlay: shown.overlay, tab.caption: shown.caption,
             tab.explanation: shown.explanation, tab.top3_row: gr.Row(visible=bool(shown.top3)),
             **{tile: img for tile, (img, _) in zip(tab.top3, shown.top3)},
-            **{cap: text for cap, (_, text) in zip(tab.top3_captions, shown.top3)}}
+            **{cap: text for cap, (_, text) in zip(tab.top3_captions, shown.top3)},
+            **{ref: gr.Image(value=path and load_image(path), visible=path is not None) for ref, path in zip(tab.refs, refs)}}
 
 
 def corner(box, x: float, y: float) -> tuple[dict, str]:
@@ -130,7 +139,7 @@ def wire(ctx: Ctx, tab: ClassifyTab) -> None:
     """The tab's events; after every tab is built (a model change updates other tabs too)."""
     inputs = [ctx.model_name, ctx.session, tab.photo, ctx.top_k, ctx.target, tab.method, tab.opacity, tab.box]
     outputs = [tab.label, tab.overlay, tab.caption, tab.explanation, tab.photo, tab.box, tab.top3_row, *tab.top3,
-               *tab.top3_captions]
+               *tab.top3_captions, *tab.refs]
 
     def run(name, owner, image, k, target, method, opacity, box):
         drawn = box.get("box") if isinstance(box, dict) else None

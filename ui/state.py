@@ -68,6 +68,11 @@ class Limits:
         return cls(**values)
 
 
+def refs_folder(model: Path) -> Path:
+    """Where a visitor's model keeps its reference photos, one per class (beside the model file)."""
+    return model.with_name(model.stem + ".refs")
+
+
 def new_owner() -> str:
     return secrets.token_hex(16)
 
@@ -182,6 +187,8 @@ class Models:
         with self._lock:
             self._cache.pop(path, None)
         path.unlink(missing_ok=True)
+        if path.suffix == ".safetensors":
+            shutil.rmtree(refs_folder(path), ignore_errors=True)  # its reference photos go with it
 
     def disk_use(self) -> int:
         return sum(_stat(p)[0] for p in self.workdir.rglob("*") if p.is_file())

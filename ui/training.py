@@ -18,6 +18,7 @@ from resnext.evaluate import TOO_FEW_TO_JUDGE
 
 from .card import plain
 from .state import SLOT, Models, removed_message, safe_name
+from .references import save_references
 from .try_it import validation_photos
 
 MAX_CLASSES_UI = 12
@@ -253,6 +254,8 @@ def _train(registry: Models, request: TrainRequest, data, stop, deadline: float)
         raise gr.Error(str(err)) from None
     except MemoryError:
         raise gr.Error("The server ran out of memory for this run; try fewer or smaller photos, or quick mode.") from None
+    if not request.api:
+        save_references(out, data.train)  # one of its own photos per class, to compare answers with
     removed = [] if request.api else registry.kept(request.owner, out)  # quota and disk cap
     if request.api:
         registry.make_room(keep=out)
