@@ -128,7 +128,7 @@ def test_upload_shows_top_k_and_heatmap(page, tmp_path):
     wait_answer(page)
     page.locator("#overlay img").wait_for(timeout=60_000)
     assert "Where the model looked" in page.locator("#caption").inner_text()
-    assert page.locator("#top3 img").count() == 3
+    assert page.locator("#top3-0 img, #top3-1 img, #top3-2 img").count() == 3
     shot(page, "classify")
 
 
@@ -177,6 +177,9 @@ def test_a_webcam_photo_joins_the_class_chosen_for_it(page):
     page.locator("#webcam-box").get_by_text("Take photos with the webcam").click()
     camera = page.locator("#webcam-shot")
     camera.get_by_text("Click to Access Webcam").click()
+    # the test-pattern stream must be playing before a capture can take a frame of it
+    page.wait_for_function("() => { const v = document.querySelector('#webcam-shot video'); "
+                           "return v && v.readyState >= 2 && v.videoWidth > 0; }", timeout=30_000)
     camera.locator("button[aria-label='capture photo']").click()
     camera.locator("img").wait_for(timeout=30_000)
     page.locator("#webcam-class input").click()
