@@ -249,11 +249,11 @@ def _validate(classes: dict[str, list[Path]], where: str) -> None:
     folded = Counter(name.casefold() for name in classes)
     clashes = sorted(name for name in classes if folded[name.casefold()] > 1)
     if clashes:
-        named = ", ".join(f"'{name}'" for name in clashes[:-1]) + f" and '{clashes[-1]}'"
-        more = f" ({len(clashes)} names)" if len(clashes) > 6 else ""
         if len(clashes) > 6:
-            named = ", ".join(f"'{name}'" for name in clashes[:5]) + ", …"
-        raise DataError(f"{where}: class names differ only by upper and lower case: {named}{more}; rename one, "
+            named = ", ".join(f"'{name}'" for name in clashes[:5]) + f", … ({len(clashes)} names)"
+        else:
+            named = ", ".join(f"'{name}'" for name in clashes[:-1]) + f" and '{clashes[-1]}'"
+        raise DataError(f"{where}: class names differ only by upper and lower case: {named}; rename one, "
                         "or put their photos in one folder")
 
 

@@ -36,13 +36,23 @@ def in_short(classifier: Classifier, shipped: bool) -> str:
         good = (f"On {on} its first answer is right {metrics['test_top1']:.0%} of the time, and the right one is "
                 f"among its top 5 {metrics.get('test_top5', 0):.0%} of the time.")
     elif metrics.get("val_acc") is not None and metrics.get("val_photos") is not None:
-        good = f"Validation: {validation_text(round(metrics['val_acc'] * metrics['val_photos']), metrics['val_photos'])}."
+        fact = _validation(metrics)
+        good = fact[0].upper() + fact[1:] + "."  # "Validation: 2 of 3 validation photos right (67%): …"
     else:
         good = "How good it is was not measured."
     limits = SHIPPED_LIMITS if shipped else ("It knows only these classes: anything else gets the closest of them, "
                                              "or \"not sure\".")
     terms = f" **Terms:** {SHIPPED_TERMS}" if shipped else ""
     return f"**In short.** {knows} {good} **Limits:** {limits}{terms}"
+
+
+def _validation(metrics: dict) -> str | None:
+    """A checkpoint's validation accuracy as a fact: with its count where the checkpoint records it
+    (:func:`~resnext.evaluate.validation_text`), else the bare number older checkpoints have."""
+    acc, n = metrics.get("val_acc"), metrics.get("val_photos")
+    if acc is None:
+        return None
+    return f"validation: {validation_text(round(acc * n), n)}" if n is not None else f"validation accuracy: {acc:.1%}"
 
 
 def model_card(classifier: Classifier, shipped: bool = False) -> str:
@@ -77,9 +87,7 @@ def model_card(classifier: Classifier, shipped: bool = False) -> str:
         facts = [f"{k}: {plain(str(v)[:200])}" for k, v in (("mode", prov.get("mode")), ("start", prov.get("init")),
                                            ("epochs", prov.get("epochs")), ("date", prov.get("date"))) if v]
         if metrics.get("val_acc") is not None:
-            n = metrics.get("val_photos")
-            facts.append(f"validation: {validation_text(round(metrics['val_acc'] * n), n)}" if n is not None
-                         else f"validation accuracy: {metrics['val_acc']:.1%}")
+            facts.append(_validation(metrics))
         if metrics.get("test_top1") is not None:
             facts.append(f"test top-1 / top-5: {metrics['test_top1']:.1%} / {metrics.get('test_top5', 0):.1%}")
         lines += ["", "**Provenance** — " + " · ".join(facts)]

@@ -82,9 +82,14 @@ class Best:
 
     @property
     def how(self) -> str:
-        if self.by_validation:
-            return f"chosen by the best score on {self.n_val} validation photos"
-        return (f"the last one: {self.n_val} validation photo{'s are' if self.n_val != 1 else ' is'} too few to choose "
+        return self.rule(self.n_val)
+
+    @staticmethod
+    def rule(n_val: int) -> str:
+        """Which rule keeps the epoch of a run with ``n_val`` validation photos, in words."""
+        if n_val >= CHOOSE_EPOCH_FROM:
+            return f"chosen by the best score on {n_val} validation photos"
+        return (f"the last one: {n_val} validation photo{'s are' if n_val != 1 else ' is'} too few to choose "
                 f"on ({CHOOSE_EPOCH_FROM} needed)")
 
     def offer(self, epoch: int, record: dict, state: dict, confusion: Tensor, score: float | None = None) -> None:

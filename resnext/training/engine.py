@@ -72,7 +72,7 @@ def iter_train(data: Dataset, config: TrainConfig = TrainConfig(), out: str | os
     result = TrainResult(
         classes=data.classes, history=history, best_epoch=best_epoch, val_acc=val_acc, per_class_acc=per_class,
         confusion=confusion.tolist(), checkpoint=None, seconds=ctx.elapsed(), model=model, preprocessing=ctx.eval_pre,
-        epoch_choice=Best(len(data.val)).how,
+        epoch_choice=Best.rule(len(data.val)),
     )
     if out is not None and ctx.rank == 0:
         result.checkpoint = save_checkpoint(out, model, data.classes, ctx.eval_pre, _provenance(ctx, info, result))
