@@ -26,15 +26,23 @@ def reference(classifier: Classifier, label: str) -> Path | None:
     return next((p for p in candidates if p.is_file()), None)
 
 
+def thumbnails(photos: list, per_class: int, side: int, most: int | None = None) -> list[tuple[Image.Image, int]]:
+    """The first ``per_class`` photos of each class in ``photos`` (``[(path, label)]``), at most
+    ``most`` in all, shrunk to ``side`` pixels: ``[(thumbnail, label)]``."""
+    out, per = [], {}
+    for path, label in photos:
+        if per.get(label, 0) >= per_class or (most is not None and len(out) >= most):
+            continue
+        image = load_image(path, shrink_to=side)
+        image.thumbnail((side, side), Image.Resampling.LANCZOS)
+        out.append((image, label))
+        per[label] = per.get(label, 0) + 1
+    return out
+
+
 def save_references(model: Path, train: list) -> None:
     """One training photo per class (the first), shrunk, beside ``model``."""
     folder = refs_folder(model)
     folder.mkdir(exist_ok=True)
-    seen = set()
-    for path, label in train:
-        if label in seen:
-            continue
-        seen.add(label)
-        image = load_image(path, shrink_to=SIDE)
-        image.thumbnail((SIDE, SIDE), Image.Resampling.LANCZOS)
+    for image, label in thumbnails(train, per_class=1, side=SIDE):
         image.save(folder / f"{label:05d}.jpg", quality=82)  # by class index: names may not be file names

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 import gradio as gr
 from PIL import Image
 
-from resnext import display_name, load_image
+from resnext import display_name
 
 from .answers import open_photo, verdict_message
 from .context import Ctx
 from .fixes import photo_input
+from .references import thumbnails
 
 PRIVATE = {"api_visibility": "private"}
 PER_CLASS = 2  # validation photos shown per class
@@ -54,15 +55,7 @@ def build() -> TryIt:
 def validation_photos(val: list, classes: list[str]) -> list[tuple[Image.Image, str]]:
     """Up to :data:`PER_CLASS` validation photos of each class (at most :data:`MAX_SHOWN`), as
     small thumbnails captioned with their class."""
-    shown, per = [], {}
-    for path, label in val:
-        if per.get(label, 0) >= PER_CLASS or len(shown) >= MAX_SHOWN:
-            continue
-        image = load_image(path, shrink_to=THUMB_SIDE)
-        image.thumbnail((THUMB_SIDE, THUMB_SIDE))
-        shown.append((image, display_name(classes[label])))
-        per[label] = per.get(label, 0) + 1
-    return shown
+    return [(image, display_name(classes[label])) for image, label in thumbnails(val, PER_CLASS, THUMB_SIDE, MAX_SHOWN)]
 
 
 def answer(ctx: Ctx, owner, model, image) -> tuple[dict | str, str]:
