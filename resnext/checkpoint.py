@@ -30,6 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .detector import DETECTOR_SIZES
 from .model import ARCHITECTURE_FIELDS, ResNeXt, architecture_cost, build_model
 from .transforms import Preprocessing
 from .verdict import VerdictRules
@@ -213,6 +214,8 @@ def _check_architecture(arch, limits: CheckpointLimits) -> dict:
     for name in ("locator", "bird_head"):
         if not isinstance(arch.get(name, False), bool):
             raise ValueError(f"{name} must be true or false, got {str(arch[name])[:40]}")
+    if arch.get("detector", 0) != 0:
+        _integer("detector (its input size)", arch["detector"], *DETECTOR_SIZES)
     return arch
 
 
@@ -363,6 +366,6 @@ def from_torchvision(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def to_torchvision(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The reverse of :func:`from_torchvision`: our names back to torchvision's (for references).
-    The locator and bird heads, which torchvision's network does not have, are left out."""
-    ours = {k: v for k, v in state_dict.items() if not k.startswith(("locator.", "bird."))}
+    The locator and bird heads and the detector, which torchvision's network does not have, are left out."""
+    ours = {k: v for k, v in state_dict.items() if not k.startswith(("locator.", "bird.", "detector."))}
     return _rename_prefixes(ours, [(ours_, theirs) for theirs, ours_ in _TORCHVISION_PREFIXES])

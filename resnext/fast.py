@@ -30,7 +30,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
 from .model import Bottleneck, ResNeXt
 
-__all__ = ["fast_backbone", "fold_batchnorm", "cpu_count", "configure_cpu_threads"]
+__all__ = ["PackedMobileNet", "fast_backbone", "fold_batchnorm", "cpu_count", "configure_cpu_threads", "onednn_usable"]
 
 Backbone = Callable[[Tensor], Tensor]  # (B, 3, H, W) fp32 -> conv5 activation (B, C, H/32, W/32)
 
@@ -71,6 +71,16 @@ class _PackedConv:
 
     def __call__(self, x: Tensor, activation: str = "relu") -> Tensor:
         return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, *self.args, activation, [], "")
+
+    def relu6(self, x: Tensor) -> Tensor:
+        """min(max(conv(x), 0), 6), MobileNetV2's activation, in one call."""
+        return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, *self.args, "hardtanh", [0.0, 6.0], "")
+
+    def add(self, x: Tensor, residual: Tensor) -> Tensor:
+        """conv(x) + residual in one call."""
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, residual, self.weight, self.bias, *self.args, "add", 1.0, None, [], ""
+        )
 
     def add_relu(self, x: Tensor, residual: Tensor) -> Tensor:
         """relu(conv(x) + residual) in one call."""
@@ -113,6 +123,44 @@ class OneDNNBackbone:
         return x  # (B, C, H/32, W/32), channels_last, self.dtype
 
 
+class PackedMobileNet:
+    """The bird detector's MobileNetV2 features (:mod:`resnext.detector`) as pre-packed oneDNN
+    fp32 convolutions, for one input shape: batch-norm folded, ReLU6 and the residual add fused,
+    ``channels_last``. About 7 ms instead of 15 for a 288 x 192 photo on 2 cores. (bf16 was 6 %
+    off and, for any shape but the packed one, slower.) Returns the stride-16 and the last features."""
+
+    def __init__(self, features: nn.Sequential, input_shape: list[int]):
+        _, channels, height, width = input_shape
+
+        def pack(conv_bn, channels, height, width):
+            packed = _PackedConv(conv_bn[0], conv_bn[1], torch.float32, [1, channels, height, width])
+            return packed, packed.out_channels, _strided(height, packed.stride), _strided(width, packed.stride)
+
+        self.stem, channels, height, width = pack(features[0], channels, height, width)
+        self.blocks = []
+        for block in features[1:18]:  # torchvision's InvertedResidual: [expand], depthwise, project + BN
+            layers = list(block.conv)
+            convs = []
+            for conv_bn_relu6 in layers[:-2]:
+                packed, channels, height, width = pack(conv_bn_relu6, channels, height, width)
+                convs.append(packed)
+            project, channels, height, width = pack((layers[-2], layers[-1]), channels, height, width)
+            self.blocks.append((convs, project, block.use_res_connect))
+        self.last, _, _, _ = pack(features[18], channels, height, width)
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.stem.relu6(x.float().contiguous(memory_format=torch.channels_last))
+        middle = x
+        for i, (convs, project, residual) in enumerate(self.blocks, start=1):
+            y = x
+            for conv in convs:
+                y = conv.relu6(y)
+            x = project.add(y, x) if residual else project(y, "none")
+            if i == 13:
+                middle = x
+        return middle, self.last.relu6(x)
+
+
 class FoldedBackbone:
     """Folded BN, ``channels_last`` and autocast in eager PyTorch: the path for CUDA, MPS and
     CPUs whose PyTorch lacks oneDNN."""
@@ -128,7 +176,7 @@ class FoldedBackbone:
             return self.model.forward_features(x)
 
 
-def _onednn_usable() -> bool:
+def onednn_usable() -> bool:
     ops = torch.ops.mkldnn
     return torch.backends.mkldnn.is_available() and all(
         hasattr(ops, name) for name in ("_convolution_pointwise", "_reorder_convolution_weight")
@@ -144,7 +192,7 @@ def _cpu_has_bf16() -> bool:
 
 def fast_backbone(model: ResNeXt, device: torch.device, input_size: int) -> tuple[Backbone, str]:
     """The fastest backbone for ``device``, and a short name for it (shown to users)."""
-    if device.type == "cpu" and _onednn_usable():
+    if device.type == "cpu" and onednn_usable():
         dtype = torch.bfloat16 if _cpu_has_bf16() else torch.float32
         try:
             backbone = OneDNNBackbone(model, dtype, input_size)

@@ -23,6 +23,16 @@ __all__ = ["Answer", "Classifier", "Prediction", "DEFAULT_CHECKPOINT", "display_
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "resnext50_32x4d_cub100.safetensors"
 
 
+class Look(NamedTuple):
+    """What the first look says of where the bird is (see :meth:`Classifier.looks`)."""
+
+    bird: float | None  # "this photo shows a bird" in [0, 1]; None: the model cannot say
+    area: float  # the bird's estimated share of the photo (0: no bird found)
+    # Where find-the-bird looks closer, photo pixels: the square it classifies (a locator), or the
+    # region the detector looks at again to place that square; None: the model has no finder.
+    where: tuple[float, ...] | None
+
+
 class Prediction(NamedTuple):
     label: str  # the class name as stored in the checkpoint
     index: int
@@ -125,7 +135,7 @@ class Classifier:
         self.classes = list(info.classes)
         self.preprocessing = info.preprocessing
         self.path = path
-        has_bird_score = model.locator is not None or model.bird is not None
+        has_bird_score = model.locator is not None or model.bird is not None or model.detector is not None
         self.rules = VerdictRules.from_provenance(info.provenance, len(self.classes), has_bird_score)
         if self.device.type == "cpu":
             configure_cpu_threads()
@@ -133,6 +143,8 @@ class Classifier:
         self.fast_path = "off"
         if fast:
             self._backbone, self.fast_path = fast_backbone(self.model, self.device, self.preprocessing.input_size)
+            if self.model.detector is not None and self.device.type == "cpu" and self.model.detector.use_fast_path():
+                self.fast_path += "; detector oneDNN fp32"
 
     def __repr__(self) -> str:
         arch = self.info.architecture
@@ -209,40 +221,86 @@ class Classifier:
         area, frac = bird_box(cells, margin=self.rules.find_margin if margin is None else margin)
         return area, _sub_box(self.preprocessing.crop_box(*photo.size), frac)
 
+    def looks(self, photos: list, features: Tensor | None, margin: float | None = None) -> list[Look]:
+        """The first look at each decoded photo (given its first pass's conv5 ``features``, which a
+        detector does not need): its bird score, the bird's estimated share of the photo, and where
+        find-the-bird would look:
+        from the bird detector where the model has one, else from the ResNeXt's own bird head and
+        locator. ``margin`` defaults to the rules' ``find_margin``."""
+        margin = self.rules.find_margin if margin is None else margin
+        detector = self.model.detector
+        if detector is not None:
+            return [Look(*detector.look(photo)) for photo in photos]
+        cells = self.locate(features)
+        birds = self.bird_scores(features, cells)
+        out = []
+        for i, photo in enumerate(photos):
+            bird = None if birds is None else float(birds[i])
+            out.append(Look(bird, 0.0, None) if cells is None else Look(bird, *self.bird_crop(photo, cells[i], margin)))
+        return out
+
+    def closer_look(self, photo, look: Look, margin: float | None = None) -> tuple[float | None, tuple[float, ...]]:
+        """Find-the-bird's second look at ``photo`` where ``look`` says: (the bird score there, or
+        None without a detector; the square box to classify, photo pixels)."""
+        if self.model.detector is None:
+            return None, look.where
+        return self.model.detector.look_closer(photo, look.where, self.rules.find_margin if margin is None else margin)
+
     def _answer(self, photos: list, k: int, find_bird: bool, box=None) -> list[tuple[Answer, tuple[Tensor, Tensor]]]:
         """Answers for decoded photos, each with the (features, logits) of the pass it trusts most
         (the crop's when find-the-bird made one), for explanations. ``box`` (one photo only): the
-        part of the photo to classify, chosen by a person; find-the-bird then stays off."""
+        part of the photo to classify, chosen by a person; find-the-bird then stays off.
+
+        With a detector, it looks first; a photo it sends closer whose answer is the crop's alone
+        (``crop_weight`` 1) skips the ResNeXt's pass on the whole photo unless it is needed after all."""
         if box is not None:
             box = check_box(box, photos[0].size)
             offset = self.preprocessing.crop_box(round(box[2] - box[0]), round(box[3] - box[1]))
             views, seen_boxes = [photos[0].crop(box)], [_shift(offset, box)]
         else:
             views, seen_boxes = photos, [self.preprocessing.crop_box(*photo.size) for photo in photos]
-        x = torch.stack([self.preprocessing(view) for view in views])  # (B, 3, S, S)
-        features = self.features(x)  # (B, C, S/32, S/32)
-        logits = self.logits(features)
-        probs = torch.softmax(logits.float(), dim=1).cpu()
-        cells = self.locate(features)
-        birds = self.bird_scores(features, cells)
+        detector = self.model.detector is not None
+        finds = find_bird and box is None
+        if detector:  # the detector's first look needs no ResNeXt pass
+            looks = self.looks(views, None)
+            closer = [finds and bool(self.rules.looks_closer(None, look.area)) for look in looks]
+            needed = [i for i in range(len(views)) if not (closer[i] and self.rules.crop_weight >= 1.0)]
+        else:
+            needed = list(range(len(views)))
+        passes = dict(zip(needed, self._passes([views[i] for i in needed]))) if needed else {}
+        if not detector:
+            looks = self.looks(views, torch.cat([passes[i][0] for i in needed]))
+            closer = [finds and look.where is not None and bool(self.rules.looks_closer(look.bird, look.area)) for look in looks]
         out = []
         for i, photo in enumerate(photos):
-            seen = seen_boxes[i]
-            p, box_used, found, chosen = probs[i], seen, False, (features[i : i + 1], logits[i : i + 1])
-            bird = None if birds is None else float(birds[i])
-            if find_bird and cells is not None and box is None:
-                area, crop_box = self.bird_crop(photo, cells[i])
-                if self.rules.looks_closer(bird, area):
-                    box_used = crop_box
-                    crop_features = self.features(self.preprocessing(photo.crop(crop_box)).unsqueeze(0))
-                    crop_logits = self.logits(crop_features)
-                    p = self.rules.mix(p, torch.softmax(crop_logits.float()[0], dim=0).cpu())
-                    found, chosen = True, (crop_features, crop_logits)
+            look, box_used, found = looks[i], seen_boxes[i], False
+            bird = look.bird
+            if closer[i]:
+                seen, box_used = self.closer_look(photo, look)
+                bird = bird if seen is None else max(bird, seen)  # a small bird is scored where it is
+                chosen = self._passes([photo.crop(box_used)])[0]
+                p = chosen[2] if i not in passes else self.rules.mix(passes[i][2], chosen[2])
+                found = True
+            else:
+                chosen, p = passes[i], passes[i][2]
             values, indices = p.topk(k)
+            verdict = self.rules.verdict(float(values[0]), bird)
+            if verdict == "not_a_bird" and found:  # no bird after a closer look: no box to show on, say, a cat's face
+                if i not in passes:
+                    passes[i] = self._passes([views[i]])[0]
+                chosen, p, box_used, found = passes[i], passes[i][2], seen_boxes[i], False
+                values, indices = p.topk(k)
             predictions = [Prediction(self.classes[j], j, v) for v, j in zip(values.tolist(), indices.tolist())]
-            verdict = self.rules.verdict(predictions[0].prob, bird)
-            out.append((Answer(predictions, verdict, bird, box_used, found, boxed=box is not None), chosen))
+            out.append((Answer(predictions, verdict, bird, box_used, found, boxed=box is not None), chosen[:2]))
         return out
+
+    def _passes(self, views: list) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """One batched ResNeXt pass over decoded views: per view (conv5 features (1, C, h, w),
+        logits (1, K), probabilities (K,) on the CPU)."""
+        features = self.features(torch.stack([self.preprocessing(view) for view in views]))
+        logits = self.logits(features)
+        probs = torch.softmax(logits.float(), dim=1).cpu()
+        return [(features[i : i + 1], logits[i : i + 1], probs[i]) for i in range(len(views))]
 
     def explain(
         self, image: ImageInput, target: int | str | None = None, method: str = "gradcam", k: int = 5, find_bird: bool = True,

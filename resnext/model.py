@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .detector import BirdDetector, detector_cost
+
 __all__ = [
     "Bottleneck",
     "ResNeXt",
@@ -86,6 +88,11 @@ class ResNeXt(nn.Module):
             reads) giving the logit of "this photo shows a bird". It is fit on frozen features
             with photos of no bird (:func:`resnext.training.calibrate.fit_bird_head`) and, where
             present, is the bird score of the verdict; the locator then only finds the bird.
+        detector: the input size (longer side, pixels) of a :class:`~resnext.detector.BirdDetector`
+            kept beside the ResNeXt as ``detector``, or 0 for none. It says whether a photo shows
+            a bird and where, from ImageNet features of the whole photo; where present, it replaces
+            the bird head and the locator in the verdict and find-the-bird. It never changes a
+            species or a heatmap, and it is not trained with the ResNeXt.
         zero_init_residual: start each block's last BN gamma at zero, so every block begins as
             the identity. Goyal et al. (2017) report this helps training from scratch, which is how
             our default bird model is trained; it changes nothing when weights are loaded.
@@ -105,6 +112,7 @@ class ResNeXt(nn.Module):
         zero_init_residual: bool = True,
         locator: bool = False,
         bird_head: bool = False,
+        detector: int = 0,
     ):
         super().__init__()
         layers = tuple(int(n) for n in layers)
@@ -144,6 +152,7 @@ class ResNeXt(nn.Module):
         self.bird = nn.Linear(in_ch, 1) if bird_head else None
         self.num_features = in_ch
         self._init_weights(zero_init_residual)
+        self.detector = BirdDetector(detector) if detector else None  # after the init: its weights are its own
 
     def _make_stage(self, in_ch: int, width: int, out_ch: int, blocks: int, stride: int) -> nn.Sequential:
         first = Bottleneck(in_ch, width, out_ch, self.cardinality, stride)
@@ -238,12 +247,13 @@ class ResNeXt(nn.Module):
             "stem_width": self.stem_width,
             "locator": self.locator is not None,
             "bird_head": self.bird is not None,
+            "detector": 0 if self.detector is None else self.detector.size,
         }
 
 
 # What :meth:`ResNeXt.config` writes and :func:`build_model` (and a checkpoint) may hold.
 ARCHITECTURE_FIELDS = frozenset({"layers", "cardinality", "group_depth", "num_classes", "stem_width", "locator",
-                                 "bird_head"})
+                                 "bird_head", "detector"})
 
 
 def build_model(config: dict) -> ResNeXt:
@@ -251,7 +261,7 @@ def build_model(config: dict) -> ResNeXt:
     unknown = set(config) - ARCHITECTURE_FIELDS
     if unknown:
         raise ValueError(f"unknown architecture fields {sorted(unknown)}")
-    missing = ARCHITECTURE_FIELDS - {"stem_width", "locator", "bird_head"} - set(config)
+    missing = ARCHITECTURE_FIELDS - {"stem_width", "locator", "bird_head", "detector"} - set(config)
     if missing:
         raise ValueError(f"architecture is missing {sorted(missing)}")
     return ResNeXt(**config)
@@ -303,4 +313,7 @@ def architecture_cost(config: dict, input_size: int) -> tuple[int, int]:
     params += in_ch * classes + classes
     macs += in_ch * classes
     params += (in_ch + 1) * (bool(config.get("locator")) + bool(config.get("bird_head")))
+    if config.get("detector"):
+        more_params, more_macs = detector_cost(config["detector"])
+        params, macs = params + more_params, macs + more_macs
     return params, macs

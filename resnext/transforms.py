@@ -200,9 +200,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
+FRAMINGS = ("crop", "whole")
+
+
 @dataclass(frozen=True)
 class Preprocessing:
-    """Resize the shorter side to ``resize``, center-crop ``input_size``, normalize.
+    """Resize, frame as a square of ``input_size``, normalize.
+
+    ``framing`` says which square of a photo the network sees:
+    - ``"crop"``: the shorter side resized to ``resize``, the centre ``input_size`` square cut out
+      (a wide photo loses its sides: a 6000 x 4000 photo shows the network only its middle
+      4000 x 4000);
+    - ``"whole"``: the whole photo, its longer side over ``resize / input_size`` of the square,
+      the rest of the square filled with the photo's own edge pixels stretched outwards and blurred
+      (as :func:`wider_shot` makes them, which the default model learnt from).
 
     Stored in every checkpoint, so a model is always fed the way it was trained.
     """
@@ -212,6 +223,7 @@ class Preprocessing:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: str = "bilinear"
+    framing: str = "crop"
 
     def __post_init__(self) -> None:
         if type(self.input_size) is not int or not 8 <= self.input_size <= MAX_INPUT_SIZE:
@@ -221,6 +233,8 @@ class Preprocessing:
                              f"got {str(self.resize)[:40]}")
         if self.interpolation not in _INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {str(self.interpolation)[:40]!r}")
+        if self.framing not in FRAMINGS:
+            raise ValueError(f"framing must be one of {list(FRAMINGS)}, got {str(self.framing)[:40]!r}")
         for name in ("mean", "std"):
             value = getattr(self, name)
             if (not isinstance(value, (list, tuple)) or len(value) != 3 or any(isinstance(v, bool) for v in value)
@@ -231,7 +245,7 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Preprocessing":
-        unknown = set(data) - {"input_size", "resize", "mean", "std", "interpolation"}
+        unknown = set(data) - {"input_size", "resize", "mean", "std", "interpolation", "framing"}
         if unknown:
             raise ValueError(f"unknown preprocessing fields {sorted(unknown)}")
         return cls(**data)
@@ -244,19 +258,25 @@ class Preprocessing:
     def with_size(self, input_size: int) -> "Preprocessing":
         """The same pipeline at another input size, keeping the crop fraction."""
         resize = max(input_size, round(input_size * self.resize / self.input_size))
-        return Preprocessing(input_size, resize, self.mean, self.std, self.interpolation)
+        return Preprocessing(input_size, resize, self.mean, self.std, self.interpolation, self.framing)
 
     def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
-        """The box (left, top, right, bottom) of a ``width`` x ``height`` photo that the network sees."""
-        side = min(width, height) * self.input_size / self.resize  # crop side in photo pixels
+        """The square (left, top, right, bottom) of a ``width`` x ``height`` photo that the network
+        sees, in photo pixels; with ``framing="whole"`` it reaches past the photo's shorter sides."""
+        shorter_or_longer = max(width, height) if self.framing == "whole" else min(width, height)
+        side = shorter_or_longer * self.input_size / self.resize  # the square's side in photo pixels
         left, top = (width - side) / 2, (height - side) / 2
         return (left, top, left + side, top + side)
 
     def crop(self, image: Image.Image) -> Image.Image:
-        """Resize + center crop as one resample of :meth:`crop_box` (antialiased when shrinking)."""
+        """The square of :meth:`crop_box` at ``input_size``, as one resample of the photo
+        (antialiased when shrinking); where the square reaches past the photo, its blurred edges."""
         box = self.crop_box(*image.size)
         size = (self.input_size, self.input_size)
-        return image.resize(size, _INTERPOLATIONS[self.interpolation], box=box)
+        width, height = image.size
+        if box[0] >= 0 and box[1] >= 0 and box[2] <= width and box[3] <= height:
+            return image.resize(size, _INTERPOLATIONS[self.interpolation], box=box)
+        return _framed(image, box, self.input_size, _INTERPOLATIONS[self.interpolation])
 
     def normalize(self, image: Image.Image) -> torch.Tensor:
         """An RGB image -> normalized float tensor (3, H, W)."""
@@ -269,6 +289,23 @@ class Preprocessing:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """An RGB image -> (3, input_size, input_size) tensor."""
         return self.normalize(self.crop(image))
+
+
+def _framed(image: Image.Image, box: tuple[float, ...], size: int, resample) -> Image.Image:
+    """The square ``box`` of ``image`` at ``size`` pixels where it reaches past the photo: the photo's
+    part resampled, the rest its edge pixels stretched outwards and blurred (as :func:`wider_shot`)."""
+    width, height = image.size
+    scale = size / (box[2] - box[0])
+    inner = (max(box[0], 0.0), max(box[1], 0.0), min(box[2], float(width)), min(box[3], float(height)))
+    left, top = round((inner[0] - box[0]) * scale), round((inner[1] - box[1]) * scale)
+    part_w = max(1, min(size - left, round((inner[2] - inner[0]) * scale)))
+    part_h = max(1, min(size - top, round((inner[3] - inner[1]) * scale)))
+    part = image.resize((part_w, part_h), resample, box=inner)
+    array = np.asarray(part)
+    padded = np.pad(array, ((top, size - part_h - top), (left, size - part_w - left), (0, 0)), mode="edge")
+    canvas = Image.fromarray(padded).filter(ImageFilter.GaussianBlur(max(part_w, part_h) / 8))
+    canvas.paste(part, (left, top))
+    return canvas
 
 
 def wider_shot(photo: Image.Image, factor: float = 3.0, blur: float | None = None) -> Image.Image:

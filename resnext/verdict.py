@@ -49,7 +49,7 @@ class VerdictRules:
 
     def __post_init__(self) -> None:
         for name, low, high in (("unsure_below", 0, 1), ("find_below", 0, 1), ("crop_weight", 0, 1),
-                                ("find_margin", 1, 4), ("bird_below", 0, 1)):
+                                ("find_margin", 0.5, 4), ("bird_below", 0, 1)):
             value = getattr(self, name)
             if name == "bird_below" and value is None:
                 continue

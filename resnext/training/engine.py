@@ -9,6 +9,7 @@ file. Under ``torchrun`` full mode runs with DistributedDataParallel; rank 0 wri
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -93,7 +94,7 @@ def _context(data: Dataset, config: TrainConfig, should_stop) -> tuple[Context, 
     start = time.perf_counter()
     model, info, pre = load_start_point(config.init, config.arch)
     if config.crop_fraction is not None:
-        pre = Preprocessing(pre.input_size, round(pre.input_size / config.crop_fraction), pre.mean, pre.std, pre.interpolation)
+        pre = dataclasses.replace(pre, resize=round(pre.input_size / config.crop_fraction))
     model = copy.deepcopy(model)  # never mutate a model someone else may be serving
     if info is None or info.classes != data.classes:
         torch.manual_seed(config.seed)  # the same new head on every rank

@@ -1,0 +1,132 @@
+"""The bird detector (resnext.detector): stored with the model, frozen, framed whole, and fast."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from resnext import Preprocessing, load_checkpoint, read_metadata, save_checkpoint
+from resnext.detector import BirdDetector, square_around
+from resnext.fast import onednn_usable
+from resnext.inference import Classifier
+from resnext.model import architecture_cost, build_model
+
+from conftest import CLASSES, randomize_batchnorm
+
+TINY = {"layers": [1, 1, 1, 1], "cardinality": 4, "group_depth": 2, "num_classes": len(CLASSES), "stem_width": 8}
+
+
+def tiny_with_detector(size: int = 96, seed: int = 0):
+    torch.manual_seed(seed)
+    model = randomize_batchnorm(build_model({**TINY, "detector": size}), seed).eval()
+    for head in (model.detector.bird, model.detector.cells, model.detector.zoom):
+        head.weight.normal_(0, 0.05)
+        head.bias.normal_(0, 0.5)
+    return model
+
+
+def test_a_checkpoint_with_a_detector_keeps_it_and_one_without_has_none(tmp_path):
+    model = tiny_with_detector()
+    path = save_checkpoint(tmp_path / "d.safetensors", model, CLASSES, Preprocessing(64, 64, framing="whole"))
+    info = read_metadata(path)
+    assert info.architecture["detector"] == 96 and info.preprocessing.framing == "whole"
+    loaded, _ = load_checkpoint(path)
+    for name, tensor in model.detector.state_dict().items():
+        if not name.endswith("num_batches_tracked"):
+            assert torch.allclose(loaded.detector.state_dict()[name], tensor.half().float()), name
+    plain = save_checkpoint(tmp_path / "p.safetensors", build_model(TINY), CLASSES)
+    assert load_checkpoint(plain)[0].detector is None and read_metadata(plain).preprocessing.framing == "crop"
+    params, _ = architecture_cost({**TINY, "detector": 96}, 64)
+    assert params == sum(p.numel() for p in model.parameters())
+
+
+def test_a_checkpoint_missing_the_detector_it_declares_is_refused(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = save_checkpoint(tmp_path / "p.safetensors", build_model(TINY), CLASSES)
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["resnext"])
+    meta["architecture"]["detector"] = 96  # declares a detector, holds none
+    forged = tmp_path / "forged.safetensors"
+    save_file(load_file(path), str(forged), metadata={"resnext": json.dumps(meta)})
+    with pytest.raises(ValueError, match=r"missing \['detector\."):
+        load_checkpoint(forged)
+
+
+def test_the_detector_stays_frozen_in_training_mode_and_through_batchnorm_recalibration():
+    from resnext.training.context import recalibrate_batchnorm
+
+    model = tiny_with_detector()
+    before = copy.deepcopy(model.detector.state_dict())
+    model.train()
+    assert not model.detector.training and model.conv1.training
+    assert not any(p.requires_grad for p in model.detector.parameters())
+    batches = [(torch.randn(4, 3, 64, 64), torch.zeros(4))]
+    recalibrate_batchnorm(model, batches, torch.device("cpu"), None)
+    after = model.detector.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not torch.equal(model.conv1[1].running_mean, torch.zeros(8))  # the ResNeXt's own BN did change
+
+
+def test_whole_framing_shows_the_network_every_side_of_a_wide_photo():
+    photo = np.zeros((200, 300, 3), np.uint8)
+    photo[:, :20] = (255, 0, 0)  # a red left edge and a blue right edge: a centre crop loses both
+    photo[:, -20:] = (0, 0, 255)
+    image = Image.fromarray(photo)
+    whole = np.asarray(Preprocessing(96, 96, framing="whole").crop(image)).astype(int)
+    crop = np.asarray(Preprocessing(96, 96).crop(image)).astype(int)
+    assert whole[48, 1, 0] > 200 and whole[48, -2, 2] > 200  # both edges are in the square
+    assert crop[48, 1, 0] < 50 and crop[48, -2, 2] < 50
+    assert Preprocessing(96, 96, framing="whole").crop_box(300, 200) == (0.0, -50.0, 300.0, 250.0)
+    # The square above and below the photo is its own edge rows, blurred: no black bars.
+    assert whole[2, 48].sum() == pytest.approx(whole[30, 48].sum(), abs=30)
+
+
+def test_square_around_stays_inside_the_photo():
+    assert square_around((5, 5), 50, (300, 200)) == (0.0, 0.0, 50.0, 50.0)
+    assert square_around((299, 199), 50, (300, 200)) == (250.0, 150.0, 300.0, 200.0)
+    assert square_around((150, 100), 1000, (300, 200)) == (50.0, 0.0, 250.0, 200.0)  # at most the shorter side
+
+
+@pytest.mark.skipif(not onednn_usable(), reason="this PyTorch has no oneDNN")
+@pytest.mark.parametrize("shape", [(1, 3, 192, 288), (1, 3, 224, 224), (1, 3, 320, 32)])
+def test_the_packed_detector_computes_what_the_eager_one_does(shape):
+    detector = randomize_batchnorm(BirdDetector(96), seed=1)
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        middle, last = detector._backbone(x)
+        assert detector.use_fast_path()
+        fast_middle, fast_last = detector._backbone(x)
+    assert fast_middle.shape == middle.shape and fast_last.shape == last.shape
+    assert torch.allclose(fast_last, last, rtol=1e-3, atol=1e-3 * float(last.abs().max()))
+    assert torch.allclose(fast_middle, middle, rtol=1e-3, atol=1e-3 * float(middle.abs().max()))
+    assert copy.deepcopy(detector)._fast is None  # packed kernels are not copied with the model
+
+
+@pytest.mark.parametrize("bird_bias", [10.0, -10.0])
+def test_a_classifier_with_a_detector_answers_from_it(tmp_path, bird_bias):
+    model = tiny_with_detector()
+    model.detector.bird.bias.fill_(bird_bias)  # a bird everywhere, or nowhere
+    path = save_checkpoint(tmp_path / "d.safetensors", model, CLASSES, Preprocessing(64, 64, framing="whole"),
+                           {"verdict": {"unsure_below": 0.2, "bird_below": 0.5, "find_below": 1.0, "crop_weight": 1.0}})
+    classifier = Classifier(*load_checkpoint(path), device="cpu")
+    assert "detector" in classifier.fast_path or not onednn_usable()
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8))
+    answer = classifier.predict(photo)[0]
+    sighting = classifier.model.detector.look(photo)
+    closer, box = classifier.model.detector.look_closer(photo, sighting.region, classifier.rules.find_margin)
+    assert answer.bird == pytest.approx(max(sighting.bird, closer), abs=1e-5)
+    if bird_bias > 0:  # find_below 1: every photo is looked at closer, and answered from the crop alone
+        crop = classifier.predict(photo.crop(box), find_bird=False)[0]
+        assert answer.verdict != "not_a_bird" and answer.found and answer.box == pytest.approx(box)
+        assert [p.label for p in answer] == [p.label for p in crop]
+    else:  # no bird: the whole photo's answer, and no box drawn on what was not a bird
+        assert answer.verdict == "not_a_bird" and not answer.found
+        assert answer.box == pytest.approx(classifier.preprocessing.crop_box(300, 200))
