@@ -90,3 +90,41 @@ def test_examples_come_from_the_test_split_never_trained_on():
     for example in ASSETS.glob("*.jpg"):
         assert digest(example) in test and digest(example) not in train, example.name
 
+
+
+def scene(width: int, height: int, seed: int = 0) -> "Image.Image":
+    """A made-up outdoor photo with no bird: a sky gradient over a textured green-brown ground."""
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    yy = np.linspace(0, 1, height)[:, None, None]
+    sky = np.array([120, 170, 230]) * (1 - 0.4 * yy) + 20
+    ground = np.array([70, 110, 50]) + rng.normal(0, 25, (height, width, 3))
+    horizon = (yy > 0.55).astype(float)
+    pixels = np.clip(sky * (1 - horizon) + ground * horizon, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.broadcast_to(pixels, (height, width, 3)).copy()).filter(ImageFilter.GaussianBlur(1.5))
+
+
+def test_a_bird_at_the_left_edge_of_a_wide_photo_is_found_and_named():
+    from resnext import load_classifier
+    from resnext.transforms import load_image
+
+    classifier = load_classifier()
+    photo = scene(1200, 800)
+    side = 800 // 3
+    photo.paste(load_image(ASSETS / "blue_jay.jpg").resize((side, side)), (0, 300))  # touching the left edge
+    answer = classifier.predict(photo)[0]
+    left, top, right, bottom = answer.box
+    assert answer.found and answer.verdict != "not_a_bird"
+    overlap = max(0.0, min(right, side) - max(left, 0)) * max(0.0, min(bottom, 300 + side) - max(top, 300))
+    assert overlap >= 0.6 * side * side and (right - left) <= 1.6 * side  # the box is on the bird, not the scene
+    assert display_name(answer[0].label) == "Blue Jay"
+
+
+def test_a_photo_with_no_bird_is_not_a_bird():
+    from resnext import load_classifier
+
+    answers = load_classifier().predict([scene(1200, 800, seed=1), scene(600, 900, seed=2)])
+    assert [a.verdict for a in answers] == ["not_a_bird", "not_a_bird"]
+    assert not any(a.found for a in answers)  # no box drawn on a photo that is not a bird

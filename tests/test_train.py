@@ -254,11 +254,10 @@ class _Scores:
     def features(self, batch):
         return batch
 
-    def locate(self, features):
-        return None
+    def looks(self, photos, features):
+        from resnext.inference import Look
 
-    def bird_scores(self, features, cells):
-        return features
+        return [Look(float(f), 0.0, None) for f in features]
 
 
 def _grey_photos(tmp_path, levels) -> list:
@@ -331,3 +330,20 @@ def test_a_fine_tune_never_calls_a_kind_it_was_taught_not_a_bird(tmp_path):
     answers = classifier.predict(images, k=1)
     assert [a.verdict for a in answers].count("not_a_bird") == 0
     assert sum(a.verdict == "species" and a[0].label == data.classes[y] for a, (_, y) in zip(answers, photos)) >= 90
+
+
+def test_a_fine_tune_carries_the_start_models_detector_unchanged(shapes, tmp_path):
+    """The detector travels in the fine-tune's file: downloaded and loaded elsewhere, it keeps its verdicts."""
+    from test_detector import tiny_with_detector
+
+    model = tiny_with_detector()
+    start = save_checkpoint(tmp_path / "start.safetensors", model, CLASSES, Preprocessing(64, 64, framing="whole"),
+                            {"verdict": {"unsure_below": 0.3, "bird_below": 0.01, "find_below": 0.5, "crop_weight": 1.0}})
+    for mode in ("quick", "full"):
+        result = train(load_dataset(shapes), TrainConfig(mode=mode, init=str(start), epochs=1, batch_size=8),
+                       out=tmp_path / f"{mode}.safetensors")
+        tuned, info = load_checkpoint(result.checkpoint)
+        assert info.architecture["detector"] == 96 and info.preprocessing.framing == "whole"
+        original = load_checkpoint(start)[0].detector.state_dict()
+        for name, tensor in tuned.detector.state_dict().items():
+            assert torch.equal(tensor, original[name]), (mode, name)
