@@ -9,9 +9,10 @@ Everything runs in one process on the same weights (our model mapped into torchv
 - ``explain``: ``Classifier.explain`` (top-k and the conv5 map, brought onto the photo) against
   ``pytorch_grad_cam.GradCAM`` on the full torchvision model, target ``layer4[-1]``;
 - ``full answer``: what the app shows for one photo (top-k, verdict, find-the-bird with its second
-  pass, the conv5 map and the overlay drawn on the photo), on a wide shot whose bird the locator
-  finds (two passes) and on the photo as given, against torchvision's eager fp32 forward on one
-  224 px tensor (the issue's reference, whatever our input size);
+  pass, the conv5 map and the overlay drawn on the photo; with a detector, its looks too), on a
+  wide shot whose bird is found (two passes), on the photo at 1/3 of a made-up 900 x 600 scene and
+  on the photo as given, against torchvision's eager fp32 forward on one 224 px tensor (the
+  issue's reference, whatever our input size); the ratio is the slowest of the three's;
 - batch 8 for prediction;
 - top-1 agreement (and accuracy, where folder names are the model's classes) of the fast path
   against the plain fp32 path on real photos.
@@ -112,6 +113,19 @@ def tiny_trained_checkpoint(path: Path) -> Path:
         loss.backward()
         optimizer.step()
     return save_checkpoint(path, model.eval(), ["top-left", "top-right", "bottom-left", "bottom-right"], pre)
+
+
+def made_up_scene(photo: Image.Image) -> Image.Image:
+    """A 900 x 600 photo with ``photo`` at 1/3 of its height, off-centre, on a sky-and-ground
+    scene with no bird: the real-scene case, where the detector looks twice."""
+    rng = np.random.default_rng(1)
+    yy = np.linspace(0, 1, 600)[:, None, None]
+    sky = np.array([120, 170, 230]) * (1 - 0.4 * yy) + 20
+    ground = np.array([70, 110, 50]) + rng.normal(0, 25, (600, 900, 3))
+    pixels = np.where(yy > 0.55, ground, sky).clip(0, 255).astype(np.uint8)
+    scene = Image.fromarray(pixels)
+    scene.paste(photo.resize((200, 200)), (560, 260))
+    return scene
 
 
 def interleaved(contenders: dict, runs: int, warmup: int = 3) -> dict[str, float]:
@@ -220,11 +234,13 @@ def main() -> None:
     )
     overlay = interleaved({"overlay": lambda: classifier.explain(photo).overlay}, args.runs)["overlay"]
     wide = wider_shot(photo, 3)
+    scene = made_up_scene(photo)
     x224 = torch.randn(1, 3, 224, 224)
     full = interleaved(
         {
             "wide": lambda: classifier.explain(wide).overlay,
             "plain": lambda: classifier.explain(photo).overlay,
+            "scene": lambda: classifier.explain(scene).overlay,
             "torchvision_224": lambda: torchvision_forward(x224),
         },
         args.runs,
@@ -246,8 +262,10 @@ def main() -> None:
         "full_answer_wide_ms": round(full["wide"], 2),
         "full_answer_wide_two_passes": classifier.explain(wide).found,
         "full_answer_plain_ms": round(full["plain"], 2),
+        "full_answer_scene_ms": round(full["scene"], 2),
+        "full_answer_scene_two_passes": classifier.explain(scene).found,
         "torchvision_224_ms": round(full["torchvision_224"], 2),
-        "full_answer_ratio": round(max(full["wide"], full["plain"]) / full["torchvision_224"], 3),
+        "full_answer_ratio": round(max(full["wide"], full["plain"], full["scene"]) / full["torchvision_224"], 3),
         "batch8_predict_ms": round(eight["predict"], 1),
         "batch8_torchvision_ms": round(eight["torchvision"], 1),
         "batch8_ratio": round(eight["predict"] / eight["torchvision"], 3),
@@ -268,8 +286,9 @@ def main() -> None:
     print(f"explain          {result['explain_ms']:7.1f} ms   naive grad-cam   {result['naive_gradcam_ms']:7.1f} ms   naive/explain {result['naive_over_explain']:.1f}x  (target >= 4)")
     print(f"explain / predict {result['explain_over_predict']:.2f}  (target <= 1.15); with the overlay drawn {result['explain_with_overlay_ms']:.1f} ms")
     print(f"full answer (verdict, find-the-bird, heatmap, overlay): wide shot {result['full_answer_wide_ms']:.1f} ms "
-          f"(two passes: {result['full_answer_wide_two_passes']}), as given {result['full_answer_plain_ms']:.1f} ms; "
-          f"torchvision fp32 at 224 px {result['torchvision_224_ms']:.1f} ms; ratio {result['full_answer_ratio']:.2f}  (target <= 0.60)")
+          f"(two passes: {result['full_answer_wide_two_passes']}), bird at 1/3 of a scene {result['full_answer_scene_ms']:.1f} ms "
+          f"(two passes: {result['full_answer_scene_two_passes']}), as given {result['full_answer_plain_ms']:.1f} ms; "
+          f"torchvision fp32 at 224 px {result['torchvision_224_ms']:.1f} ms; ratio {result['full_answer_ratio']:.2f}  (target <= 0.35)")
     line = f"top-1 agreement fast vs fp32: {result['top1_agreement']:.2%} on {result['agreement_on']}"
     if "accuracy_fast" in result:
         line += f"; accuracy {result['accuracy_fast']:.2%} (fast) vs {result['accuracy_fp32']:.2%} (fp32)"

@@ -277,7 +277,7 @@ class Classifier:
             bird = look.bird
             if closer[i]:
                 seen, box_used = self.closer_look(photo, look)
-                bird = bird if seen is None else max(bird, seen)  # a small bird is scored where it is
+                bird = bird if seen is None else self.rules.closer_bird(bird, seen)  # a small bird is scored where it is
                 chosen = self._passes([photo.crop(box_used)])[0]
                 p = chosen[2] if i not in passes else self.rules.mix(passes[i][2], chosen[2])
                 found = True

@@ -21,8 +21,11 @@ Photos (never the 48 reserved species of ``birds525-valid-480``, never ``cub100/
 3. Verdict rules, on held-out photos only: v4's validation split (as given, and pasted at 1/3 of a
    held-out scene's shorter side), the held-out species, the held-out no-bird photos. Find-the-bird
    (margin, when to look closer, crop weight) maximises the mean top-1 of the two labelled groups;
-   "not a bird" lets at most 1 % of each group of held-out birds through; "not sure" is the lowest
-   threshold at which 93 % of the answers said plainly are right on the validation split.
+   "not a bird": the whole photo's bird score lets at most 1 % of the held-out birds as given (CUB
+   and other species) through, and the closer look's score counts less ``closer_offset`` logits,
+   chosen for the fewest birds at 1/3 of a scene lost plus photos with no bird let through; "not
+   sure" minimises the summed error rates of right answers flagged, wrong answers said plainly
+   (plain and in scenes) and other species said plainly (:func:`~resnext.verdict.choose_unsure`).
 """
 
 from __future__ import annotations
@@ -44,7 +47,6 @@ SIZE = 288
 SEED = 0
 SCENES, CLOSER_LOOKS = 5000, 3500
 MARGINS = (0.9, 1.0)
-PRECISION = 0.93  # of the answers said plainly on validation, at the "not sure" threshold
 
 
 def splits(shared: Path) -> dict[str, list]:
@@ -226,6 +228,7 @@ def held_out_scenes(birds: list, labels: list, scenes: list, copies: int = 3, sh
 def choose_v5_rules(classifier, groups: dict[str, list], log=print) -> tuple:
     """The verdict rules of v5 from held-out photos (see the module's text); returns (rules, table)."""
     from .training.calibrate import CROP_WEIGHTS, FIND_BELOW, combined, run_passes, verdict_birds
+    from .verdict import choose_unsure
     from .transforms import load_image
     from .verdict import VerdictRules
 
@@ -250,36 +253,53 @@ def choose_v5_rules(classifier, groups: dict[str, list], log=print) -> tuple:
     _, rules, passes = best
     passes["others"] = run_passes(classifier, others, margin=rules.find_margin)
     passes["none"] = run_passes(classifier, nones, margin=rules.find_margin)
+    # Not a bird: the whole photo's score lets at most 1% of the held-out birds as given (CUB, other
+    # species) through; the closer look's offset then minimises the summed error rates of birds at
+    # 1/3 of a scene called "not a bird" and photos with no bird called a bird.
+    whole = torch.cat([passes["plain"].bird, passes["others"].bird])
+    bird_below = math.floor(float(torch.quantile(whole, 0.01)) * 100) / 100
+    costs = {}
+    for offset in (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0):
+        trial = VerdictRules(0.5, bird_below, rules.find_below, rules.crop_weight, find_margin=rules.find_margin,
+                             closer_offset=offset)
+        lost = float((verdict_birds(passes["scenes"], trial) < bird_below).float().mean())
+        passed = float((verdict_birds(passes["none"], trial) >= bird_below).float().mean())
+        costs[offset] = round(lost + passed, 4)
+    offset = min(costs, key=lambda o: (costs[o], o))
+    rules = VerdictRules(0.5, bird_below, rules.find_below, rules.crop_weight, find_margin=rules.find_margin,
+                         closer_offset=offset)
+    right, wrong = [], []
+    for name, y in (("plain", labels), ("scenes", scene_labels)):
+        top1, pred = combined(passes[name], rules).max(1)
+        right += top1[pred == y].tolist()
+        wrong += top1[pred != y].tolist()
+    unsure, how = choose_unsure(right, wrong, len(classifier.classes), combined(passes["others"], rules).max(1).values.tolist())
+    rules = VerdictRules(unsure, bird_below, rules.find_below, rules.crop_weight,
+                         source=("held-out photos: find-the-bird for the best mean top-1 of plain photos and birds at 1/3 "
+                                 "of real scenes; not a bird: 1% of held-out birds as given let through, the closer look's "
+                                 "offset for the fewest scene birds lost plus no-bird photos passed; not sure: "
+                                 f"{how}, over right and wrong answers (plain and in scenes) and other species"),
+                         find_margin=rules.find_margin, closer_offset=offset)
     birds = {k: verdict_birds(passes[k], rules) for k in ("plain", "scenes", "others")}
-    bird_below = round(min(float(torch.quantile(b, 0.01)) for b in birds.values()), 4)
     probs = combined(passes["plain"], rules)
     top1, pred = probs.max(1)
     right = pred == labels
-    unsure = 0.95
-    for t in torch.linspace(0.05, 0.95, 91).tolist():
-        said = top1 >= t
-        if said.any() and float(right[said].float().mean()) >= PRECISION:
-            unsure = round(t, 3)
-            break
-    rules = VerdictRules(unsure, bird_below, rules.find_below, rules.crop_weight,
-                         source=f"held-out photos: find-the-bird for the best mean top-1 of plain photos and birds at 1/3 of "
-                                f"real scenes; not a bird: 1% of each group of held-out birds; not sure: the lowest threshold "
-                                f"at which {PRECISION:.0%} of plain validation answers said plainly are right",
-                         find_margin=rules.find_margin)
     none_birds = verdict_birds(passes["none"], rules)
     report = {
         "find_the_bird_val_top1 (plain, scenes)": table,
         "best": [round(v, 4) for v in table[f"margin {rules.find_margin} find<{rules.find_below} w={rules.crop_weight}"]],
         "val_not_a_bird": {k: round(float((b < bird_below).float().mean()), 4) for k, b in birds.items()},
         "val_no_bird_caught": round(float((none_birds < bird_below).float().mean()), 4),
+        "closer_offset_costs": costs,
         "val_said_plainly": round(float((top1 >= unsure).float().mean()), 4),
         "val_right_when_said": round(float(right[top1 >= unsure].float().mean()), 4),
     }
     return rules, report
 
 
-def build(start: Path, shared: Path, out: Path, log=print) -> dict:
-    """Phases 1-3; writes ``out``; returns the report."""
+def build(start: Path, shared: Path, out: Path, log=print, heads_from: Path | None = None) -> dict:
+    """Phases 1-3; writes ``out``; returns the report. ``heads_from``: take the detector (and its
+    fits' numbers) from that earlier output of this recipe instead of phases 1-2."""
     from dataclasses import replace
 
     from .checkpoint import load_checkpoint, save_checkpoint
@@ -295,7 +315,12 @@ def build(start: Path, shared: Path, out: Path, log=print) -> dict:
     assert all(k.startswith(("locator.", "bird.")) for k in unexpected), unexpected
     v5.detector.features.load_state_dict(load_teacher_backbone(shared / "weights" / "mobilenetv2_imagenet_features.pt").state_dict())
     groups = splits(shared)
-    report = {"heads": fit_heads(v5.detector, groups, log)}
+    if heads_from is None:
+        report = {"heads": fit_heads(v5.detector, groups, log)}
+    else:
+        earlier, earlier_info = load_checkpoint(heads_from)
+        v5.detector.load_state_dict(earlier.detector.state_dict())
+        report = {"heads": earlier_info.provenance["detector"]["fits"]}
     pre = replace(info.preprocessing, framing="whole")
     classifier = Classifier(v5, info.__class__({**v5.config()}, info.classes, pre, {}), device="cpu")
     rules, report["rules"] = choose_v5_rules(classifier, groups, log)
@@ -321,11 +346,13 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     parser.add_argument("--start", type=Path, default=DEFAULT_CHECKPOINT, help="v4 (default: the installed model)")
     parser.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--heads-from", type=Path, metavar="PATH", help="the detector of an earlier output of this recipe "
+                        "(skips the features and fits: only the verdict rules are chosen again)")
     parser.add_argument("--record-test", type=Path, metavar="DIR", help="then evaluate on this test folder and record it")
     parser.add_argument("--report", type=Path, metavar="JSON", help="write the full report here")
     args = parser.parse_args()
     torch.manual_seed(SEED)
-    report = build(args.start, args.shared, args.out, log=lambda m: print(m, flush=True))
+    report = build(args.start, args.shared, args.out, log=lambda m: print(m, flush=True), heads_from=args.heads_from)
     if args.record_test:
         from .recipe_cub100 import record_test
 

@@ -46,10 +46,13 @@ class VerdictRules:
     crop_weight: float = 0.5
     source: str = "default"  # how the numbers were chosen
     find_margin: float = 1.6  # the crop's side over the bird's estimated side
+    # With a detector: logits taken off its closer look's bird score before it counts. The closer
+    # look goes where a bird is likeliest, so a photo with no bird scores higher there than whole.
+    closer_offset: float = 0.0
 
     def __post_init__(self) -> None:
         for name, low, high in (("unsure_below", 0, 1), ("find_below", 0, 1), ("crop_weight", 0, 1),
-                                ("find_margin", 0.5, 4), ("bird_below", 0, 1)):
+                                ("find_margin", 0.5, 4), ("bird_below", 0, 1), ("closer_offset", 0, 20)):
             value = getattr(self, name)
             if name == "bird_below" and value is None:
                 continue
@@ -96,6 +99,13 @@ class VerdictRules:
     def mix(self, whole, crop):
         """The answer's probabilities from the whole photo's and the crop's."""
         return (1 - self.crop_weight) * whole + self.crop_weight * crop
+
+    def closer_bird(self, whole, closer):
+        """The bird score after a closer look: the higher of the whole photo's and the closer
+        look's, less ``closer_offset`` logits. Takes floats or tensors alike."""
+        shifted = torch.sigmoid(torch.logit(torch.as_tensor(closer, dtype=torch.float64), eps=1e-12) - self.closer_offset)
+        best = torch.maximum(torch.as_tensor(whole, dtype=torch.float64), shifted)
+        return float(best) if best.dim() == 0 else best.float()
 
     def verdict(self, top1: float, bird: float | None) -> str:
         if self.bird_below is not None and bird is not None and bird < self.bird_below:

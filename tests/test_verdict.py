@@ -79,6 +79,19 @@ def test_rules_at_the_edges_of_their_ranges_are_accepted():
     assert str(err.value) == f"the verdict rules must be an object, got {'x' * 40!r}"
 
 
+def test_a_closer_look_counts_less_its_offset_in_logits():
+    import math
+
+    rules = VerdictRules(0.3, bird_below=0.5, closer_offset=math.log(99))  # 0.99 -> logit 4.595 -> 0.5
+    assert rules.closer_bird(0.2, 0.99) == pytest.approx(0.5, abs=1e-6)
+    assert rules.closer_bird(0.7, 0.99) == pytest.approx(0.7)  # the whole photo's score when it is higher
+    assert VerdictRules(0.3).closer_bird(0.2, 0.99) == pytest.approx(0.99)  # no offset: the higher one
+    both = rules.closer_bird(torch.tensor([0.2, 0.7]), torch.tensor([0.99, 0.1]))
+    assert torch.allclose(both, torch.tensor([0.5, 0.7]), atol=1e-6)
+    with pytest.raises(ValueError, match=r"closer_offset must be a number in \[0, 20\]"):
+        VerdictRules(0.3, closer_offset=-1)
+
+
 def test_looks_closer_only_at_a_bird_that_covers_less_than_find_below():
     rules = VerdictRules(0.3, bird_below=0.2, find_below=0.5)
     assert rules.looks_closer(0.2, 0.3)  # a bird exactly at the bird threshold is a bird

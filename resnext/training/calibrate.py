@@ -26,21 +26,20 @@ CROP_WEIGHTS = (0.25, 0.5, 0.75, 1.0)
 @dataclass
 class Passes:
     """Both passes' probabilities for N photos: whole (N, K), crop (N, K); the bird score, the
-    bird's estimated area and the bird score after a closer look (N,)."""
+    bird's estimated area and, with a detector, its closer look's bird score (N,)."""
 
     whole: Tensor
     crop: Tensor
     bird: Tensor
     area: Tensor
-    closer: Tensor | None = None  # None: as ``bird`` (no detector)
+    closer: Tensor | None = None  # the closer look's bird score; None: no detector
 
 
 def run_passes(classifier: Classifier, photos: list, batch_size: int = 32, margin: float = 1.6) -> Passes:
     """Run both passes on decoded photos (the crop pass whatever the bird finder says; a model
     with no finder gets one pass; one with no bird score at all, a bird score of 1). With a
-    detector, a photo's bird score is the higher of the whole photo's and the crop's, as
-    :meth:`Classifier.predict` gives it when it looks closer (``bird`` is the whole photo's, and
-    ``closer`` that higher one)."""
+    detector, ``closer`` is the closer look's own bird score (``bird`` the whole photo's); how
+    they combine is the rules' (:func:`verdict_birds`)."""
     out = {"whole": [], "crop": [], "bird": [], "area": [], "closer": []}
     pre = classifier.preprocessing
     for start in range(0, len(photos), batch_size):
@@ -58,11 +57,11 @@ def run_passes(classifier: Classifier, photos: list, batch_size: int = 32, margi
             continue
         closer = [classifier.closer_look(photo, look, margin) for photo, look in zip(chunk, looks)]
         out["area"] += [look.area for look in looks]
-        out["closer"] += [bird if c is None else max(bird, c) for bird, (c, _) in zip(birds, closer)]
+        out["closer"] += [bird if c is None else c for bird, (c, _) in zip(birds, closer)]
         crops = [pre(photo.crop(box)) for photo, (_, box) in zip(chunk, closer)]
         out["crop"].append(torch.softmax(classifier.logits(classifier.features(torch.stack(crops))), 1).cpu())
-    return Passes(torch.cat(out["whole"]), torch.cat(out["crop"]), torch.tensor(out["bird"]), torch.tensor(out["area"]),
-                  torch.tensor(out["closer"]))
+    closer = torch.tensor(out["closer"]) if classifier.model.detector is not None else None
+    return Passes(torch.cat(out["whole"]), torch.cat(out["crop"]), torch.tensor(out["bird"]), torch.tensor(out["area"]), closer)
 
 
 def combined(passes: Passes, rules: VerdictRules) -> Tensor:
@@ -81,7 +80,7 @@ def verdict_birds(passes: Passes, rules: VerdictRules) -> Tensor:
     """The bird score each verdict is given under ``rules`` (N,): the closer look's where one was taken."""
     if passes.closer is None:
         return passes.bird
-    return torch.where(looked_closer(passes, rules), passes.closer, passes.bird)
+    return torch.where(looked_closer(passes, rules), rules.closer_bird(passes.bird, passes.closer), passes.bird)
 
 
 def choose_rules(labelled: dict[str, tuple[Passes, Tensor]], birds: list[Passes], others: Passes | None,
