@@ -15,13 +15,14 @@ from conftest import ROOT, SHARED_DATA
 ASSETS = ROOT / "assets"
 
 
-def documented_examples() -> dict[str, tuple[str, str, int, bool]]:
+def documented_examples() -> dict[str, tuple[str, str, int, str]]:
     """assets/README.md's table: file -> (species, the model's documented top-1, its probability in
-    %, whether the page says "not sure")."""
+    %, the verdict the page gives: "unsure" where it says "not sure", "not_a_bird" where it says
+    "not a bird", else "species")."""
     rows = re.findall(r"^\| `(\w+\.jpg)` \| ([^|]+) \| (?:\*\*wrong\*\*: )?([^,|]+), (\d+) %([^|]*)\|",
                       (ASSETS / "README.md").read_text(), re.M)
-    return {file: (species.strip(), said.strip(), int(percent), '"not sure"' in rest)
-            for file, species, said, percent, rest in rows}
+    verdict = lambda rest: "unsure" if '"not sure"' in rest else "not_a_bird" if '"not a bird"' in rest else "species"
+    return {file: (species.strip(), said.strip(), int(percent), verdict(rest)) for file, species, said, percent, rest in rows}
 
 
 def documented_unsure_threshold() -> float:
@@ -53,13 +54,13 @@ def test_examples_are_classified_as_documented(capsys):
     assert len(examples) == len(list(ASSETS.glob("*.jpg"))) >= 8
     assert main(["predict", *(str(ASSETS / f) for f in examples), "--json", "--topk", "5"]) == 0  # no --checkpoint
     answers = {Path(item["image"]).name: item for item in json.loads(capsys.readouterr().out)}
-    for file, (species, said, percent, unsure) in examples.items():
+    for file, (species, said, percent, verdict) in examples.items():
         top = [display_name(p["label"]) for p in answers[file]["predictions"]]
         assert top[0] == said, (file, top)
         assert species in top, (file, top)  # every example's true species is in the top-5
         assert abs(100 * answers[file]["predictions"][0]["prob"] - percent) <= 1.5, file  # bf16 vs fp32: last digit
-        assert answers[file]["verdict"] == ("unsure" if unsure else "species"), file  # never "not a bird"
-    assert sum(unsure for *_, unsure in examples.values()) == 1  # the flycatcher: the page says "not sure"
+        assert answers[file]["verdict"] == verdict, file
+    assert [v for *_, v in examples.values()].count("not_a_bird") == 1  # the pelican's close-up, and only it
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "nonbird").is_dir(), reason="../shared/data is not here")
