@@ -126,8 +126,9 @@ def caption_lines(classifier: Classifier, main) -> list[str]:
     if main.boxed:
         lines.append("I looked only inside the box you drew (green).")
     elif main.found:
-        what = "The bird" if main.verdict == "species" else "What looked most like a bird"  # there may be none
-        lines.append(f"{what} was small in the photo, so I also looked closer at it (the green box).")
+        what = "the bird" if main.verdict == "species" else "what looked most like a bird"  # there may be none
+        weighs = "is the closer look's" if classifier.rules.crop_weight >= 1 else "weighs both looks"
+        lines.append(f"I also looked closer at {what} (the green box); the answer {weighs}.")
     method = METHOD_NAMES.get(main.method, main.method)
     if main.verdict == "not_a_bird":
         lines.append(f"What the network looked at most ({method} on conv5). With no bird, there is no species to "
