@@ -147,7 +147,7 @@ def verdict_message(classifier: Classifier, answer) -> str:
     best = answer[0]
     if answer.verdict == "not_a_bird":
         return ("<div class='unsure'><b>This does not look like a bird photo.</b> If there is a bird, try a "
-                f"photo where it is larger (my closest guess, {display_name(best.label)} at {best.prob:.0%}, "
+                f"photo that shows all of it, not too small (my closest guess, {display_name(best.label)} at {best.prob:.0%}, "
                 "would not mean much).</div>\n")
     return (f"<div class='unsure'>⚠️ <b>Not sure</b> — my best guess is {display_name(best.label)} at only "
             f"{best.prob:.0%}. This may not be one of the {len(classifier.classes)} species I know.</div>\n")
