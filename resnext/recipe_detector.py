@@ -232,9 +232,8 @@ def held_out_scenes(birds: list, labels: list, scenes: list, copies: int = 3, sh
 def choose_v5_rules(classifier, groups: dict[str, list], log=print) -> tuple:
     """The verdict rules of v5 from held-out photos (see the module's text); returns (rules, table)."""
     from .training.calibrate import combined, run_passes, verdict_birds
-    from .verdict import choose_unsure
     from .transforms import load_image, wider_shot
-    from .verdict import VerdictRules
+    from .verdict import VerdictRules, choose_unsure
 
     plain = [load_image(p) for p in groups["cub_val"]]
     labels = torch.tensor(groups["cub_val_labels"])
@@ -264,8 +263,8 @@ def choose_v5_rules(classifier, groups: dict[str, list], log=print) -> tuple:
     passes["others"] = run_passes(classifier, others, margin=rules.find_margin)
     passes["none"] = run_passes(classifier, nones, margin=rules.find_margin)
     # Not a bird: the whole photo's score lets at most 1% of each group of held-out birds as given
-    # (CUB, other species) through; the closer look's offset then minimises the summed error rates of birds at
-    # 1/3 of a scene called "not a bird" and photos with no bird called a bird.
+    # (CUB, other species) through; the closer look's offset then minimises the summed error rates
+    # of birds at 1/3 of a scene called "not a bird" and photos with no bird called a bird.
     lowest = min(float(torch.quantile(passes[k].bird, 0.01)) for k in ("plain", "others"))
     bird_below = math.floor(lowest * 100) / 100
     costs = {}
@@ -286,8 +285,9 @@ def choose_v5_rules(classifier, groups: dict[str, list], log=print) -> tuple:
     unsure, how = choose_unsure(right, wrong, len(classifier.classes), combined(passes["others"], rules).max(1).values.tolist())
     rules = VerdictRules(unsure, bird_below, rules.find_below, rules.crop_weight,
                          source=("held-out photos: find-the-bird for the best mean top-1 of birds at 1/3 of real scenes "
-                                 "and in wider shots that keeps plain photos within a point of one pass; not a bird: 1% of held-out birds as given let through, the closer look's "
-                                 "offset for the fewest scene birds lost plus no-bird photos passed; not sure: "
+                                 "and in wider shots that keeps plain photos within a point of one pass; not a bird: 1% of "
+                                 "held-out birds as given let through, the closer look's offset for the fewest scene birds "
+                                 "lost plus no-bird photos passed; not sure: "
                                  f"{how}, over right and wrong answers (plain and in scenes) and other species"),
                          find_margin=rules.find_margin, closer_offset=offset)
     birds = {k: verdict_birds(passes[k], rules) for k in ("plain", "scenes", "others")}
