@@ -32,11 +32,12 @@ import math
 from collections import OrderedDict
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
+
+from .transforms import Preprocessing
 
 __all__ = ["BirdDetector", "DETECTOR_SIZES", "FEATURES", "Sighting", "ZOOM", "detector_cost", "square_around"]
 
@@ -46,8 +47,7 @@ DETECTOR_SIZES = (64, 640)  # the input sizes (longer side, pixels) a checkpoint
 ZOOM = 224  # the closer look's input side, pixels
 REGION = 2.5  # the closer look's side over the first look's estimated bird side
 MIN_REGION = 0.3  # ... and at least this share of the photo's shorter side
-_MEAN = (0.485, 0.456, 0.406)  # ImageNet's, which MobileNetV2 was trained with
-_STD = (0.229, 0.224, 0.225)
+_IMAGENET = Preprocessing()  # its normalize: ImageNet's mean and std, which MobileNetV2 was trained with
 
 
 class Sighting(NamedTuple):
@@ -129,9 +129,14 @@ class BirdDetector(nn.Module):
 
     def closer(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B, 3, ZOOM, ZOOM) closer looks -> (photo logits (B,), fine cell logits (B, h/16, w/16))."""
-        middle, last = self._backbone(x)
-        joined = torch.cat([F.interpolate(last, size=middle.shape[2:], mode="nearest"), middle], dim=1)
+        last, joined = self.fine_map(x)
         return self.bird(last.mean(dim=(2, 3))).squeeze(1), self.zoom(joined).squeeze(1)
+
+    def fine_map(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, 3, H, W) -> (last features (B, 1280, H/32, W/32), the fine map ``zoom`` reads: the
+        last features spread over the stride-16 grid and joined to it, (B, 1376, H/16, W/16))."""
+        middle, last = self._backbone(x)
+        return last, torch.cat([F.interpolate(last, size=middle.shape[2:], mode="nearest"), middle], dim=1)
 
     def look(self, photo: Image.Image) -> Sighting:
         """The first look at a whole upright RGB photo."""
@@ -170,9 +175,8 @@ def _fit(photo: Image.Image, size: int) -> Image.Image:
 
 
 def _tensor(image: Image.Image) -> Tensor:
-    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
-    mean, std = torch.tensor(_MEAN).view(3, 1, 1), torch.tensor(_STD).view(3, 1, 1)
-    return x.sub_(mean).div_(std).unsqueeze(0)
+    """An RGB image -> a batch of one, normalised as MobileNetV2 was trained (ImageNet's statistics)."""
+    return _IMAGENET.normalize(image).unsqueeze(0)
 
 
 def _spot(cells: Tensor, size, near_peak: float | None = None) -> tuple[float, tuple[float, float]]:
