@@ -250,6 +250,7 @@ class _Scores:
     """A stand-in classifier for the bird check: a photo's bird score is its mean brightness / 255."""
 
     preprocessing = staticmethod(lambda image: torch.tensor(float(np.asarray(image).mean()) / 255))
+    model = type("NoDetector", (), {"detector": None})  # the ResNeXt's own bird score, read from its features
 
     def features(self, batch):
         return batch

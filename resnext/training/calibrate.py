@@ -172,7 +172,9 @@ def _bird_check(classifier: Classifier, start_below: float | None, photos: list)
     scores = []
     for i in range(0, len(checked), 32):
         images = [load_image(p) for p, _ in checked[i : i + 32]]
-        features = classifier.features(torch.stack([classifier.preprocessing(x) for x in images]))
+        features = None  # a detector looks on its own; the ResNeXt's heads read its conv5 features
+        if classifier.model.detector is None:
+            features = classifier.features(torch.stack([classifier.preprocessing(x) for x in images]))
         scores += [1.0 if look.bird is None else look.bird for look in classifier.looks(images, features)]
     scores = torch.tensor(scores)
     passed = float((scores >= start_below).float().mean())
