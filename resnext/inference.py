@@ -14,7 +14,7 @@ from .checkpoint import CheckpointInfo, load_checkpoint
 from .explain import Explanation, conv5_cams
 from .fast import configure_cpu_threads, fast_backbone
 from .model import ResNeXt
-from .transforms import ImageInput, load_image
+from .transforms import ImageInput, check_box, load_image, shift_box, sub_box
 from .verdict import VerdictRules, bird_box
 
 __all__ = ["Answer", "Classifier", "Prediction", "DEFAULT_CHECKPOINT", "display_name", "load_classifier", "select_device"]
@@ -219,14 +219,13 @@ class Classifier:
         around it in ``photo``'s pixels, from the locator's cells ``(h, w)`` for that photo;
         ``margin`` defaults to the rules' ``find_margin``."""
         area, frac = bird_box(cells, margin=self.rules.find_margin if margin is None else margin)
-        return area, _sub_box(self.preprocessing.crop_box(*photo.size), frac)
+        return area, sub_box(self.preprocessing.crop_box(*photo.size), frac)
 
     def looks(self, photos: list, features: Tensor | None, margin: float | None = None) -> list[Look]:
         """The first look at each decoded photo (given its first pass's conv5 ``features``, which a
         detector does not need): its bird score, the bird's estimated share of the photo, and where
-        find-the-bird would look:
-        from the bird detector where the model has one, else from the ResNeXt's own bird head and
-        locator. ``margin`` defaults to the rules' ``find_margin``."""
+        find-the-bird would look; from the bird detector where the model has one, else from the
+        ResNeXt's own bird head and locator. ``margin`` defaults to the rules' ``find_margin``."""
         margin = self.rules.find_margin if margin is None else margin
         detector = self.model.detector
         if detector is not None:
@@ -256,7 +255,7 @@ class Classifier:
         if box is not None:
             box = check_box(box, photos[0].size)
             offset = self.preprocessing.crop_box(round(box[2] - box[0]), round(box[3] - box[1]))
-            views, seen_boxes = [photos[0].crop(box)], [_shift(offset, box)]
+            views, seen_boxes = [photos[0].crop(box)], [shift_box(offset, box)]
         else:
             views, seen_boxes = photos, [self.preprocessing.crop_box(*photo.size) for photo in photos]
         detector = self.model.detector is not None
@@ -368,32 +367,6 @@ class Classifier:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         return min(k, len(self.classes))
-
-
-def check_box(box, size: tuple[int, int]) -> tuple[float, float, float, float]:
-    """``box`` as (left, top, right, bottom) floats, inside a photo of ``size`` (width, height)
-    and at least 8 px a side; otherwise ValueError naming it."""
-    try:
-        left, top, right, bottom = (float(v) for v in box)
-    except (TypeError, ValueError):
-        raise ValueError(f"box must be four numbers (left, top, right, bottom), got {box!r}") from None
-    width, height = size
-    left, top, right, bottom = max(0.0, left), max(0.0, top), min(float(width), right), min(float(height), bottom)
-    if right - left < 8 or bottom - top < 8:
-        raise ValueError(f"box {box!r} must cover at least 8x8 pixels of the {width}x{height} photo")
-    return float(round(left)), float(round(top)), float(round(right)), float(round(bottom))
-
-
-def _shift(inner: tuple[float, ...], outer: tuple[float, ...]) -> tuple[float, ...]:
-    """``inner`` (pixels of a crop) in the pixels of the photo that ``outer`` was cropped from."""
-    return (inner[0] + outer[0], inner[1] + outer[1], inner[2] + outer[0], inner[3] + outer[1])
-
-
-def _sub_box(outer: tuple[float, float, float, float], frac: tuple[float, float, float, float]) -> tuple[float, ...]:
-    """``frac`` (fractions of ``outer``) in the pixels ``outer`` is given in."""
-    left, top, right, bottom = outer
-    w, h = right - left, bottom - top
-    return (left + frac[0] * w, top + frac[1] * h, left + frac[2] * w, top + frac[3] * h)
 
 
 def load_classifier(

@@ -28,6 +28,9 @@ __all__ = [
     "Preprocessing",
     "load_image",
     "to_rgb",
+    "check_box",
+    "shift_box",
+    "sub_box",
     "wider_shot",
 ]
 
@@ -289,6 +292,32 @@ class Preprocessing:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """An RGB image -> (3, input_size, input_size) tensor."""
         return self.normalize(self.crop(image))
+
+
+def check_box(box, size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """``box`` as (left, top, right, bottom) floats, inside a photo of ``size`` (width, height)
+    and at least 8 px a side; otherwise ValueError naming it."""
+    try:
+        left, top, right, bottom = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise ValueError(f"box must be four numbers (left, top, right, bottom), got {box!r}") from None
+    width, height = size
+    left, top, right, bottom = max(0.0, left), max(0.0, top), min(float(width), right), min(float(height), bottom)
+    if right - left < 8 or bottom - top < 8:
+        raise ValueError(f"box {box!r} must cover at least 8x8 pixels of the {width}x{height} photo")
+    return float(round(left)), float(round(top)), float(round(right)), float(round(bottom))
+
+
+def shift_box(inner: tuple[float, ...], outer: tuple[float, ...]) -> tuple[float, ...]:
+    """``inner`` (pixels of a crop) in the pixels of the photo that ``outer`` was cropped from."""
+    return (inner[0] + outer[0], inner[1] + outer[1], inner[2] + outer[0], inner[3] + outer[1])
+
+
+def sub_box(outer: tuple[float, float, float, float], frac: tuple[float, float, float, float]) -> tuple[float, ...]:
+    """``frac`` (fractions of ``outer``) in the pixels ``outer`` is given in."""
+    left, top, right, bottom = outer
+    w, h = right - left, bottom - top
+    return (left + frac[0] * w, top + frac[1] * h, left + frac[2] * w, top + frac[3] * h)
 
 
 def _framed(image: Image.Image, box: tuple[float, ...], size: int, resample) -> Image.Image:
