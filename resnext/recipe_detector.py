@@ -123,19 +123,15 @@ class Features:
 
     def closer(self, view: Image.Image) -> torch.Tensor:
         """The joined fine map (1376, h/16, w/16) of a closer look (a ZOOM-px square)."""
-        import torch.nn.functional as F
-
         from .detector import _tensor
 
         with torch.inference_mode():
-            middle, last = self.detector._backbone(_tensor(view))
-            return torch.cat([F.interpolate(last, size=middle.shape[2:], mode="nearest"), middle], dim=1)[0]
+            return self.detector.fine_map(_tensor(view))[1][0]
 
 
 def fit_heads(detector, groups: dict[str, list], log=print) -> dict:
     """Fit ``bird``, ``cells`` and ``zoom`` of ``detector`` in place; returns the fits' numbers."""
     from .detector import ZOOM
-    from .training.calibrate import _fit_logistic
     from .transforms import load_image
 
     feats, rng, start = Features(detector), random.Random(SEED), time.perf_counter()
@@ -162,57 +158,66 @@ def fit_heads(detector, groups: dict[str, list], log=print) -> dict:
     log(f"features: {SCENES} made-up scenes, {time.perf_counter() - start:.0f} s")
     zoom_rows, zoom_cover = [], []
     for i in range(CLOSER_LOOKS):
-        scene = scene_crop(load_image(rng.choice(scenes), shrink_to=400), rng)
-        if i % 4 == 3:  # a closer look at a scene with no bird
-            w, h = scene.size
-            side = rng.uniform(0.3, 1.0) * min(w, h)
-            left, top = rng.uniform(0, w - side), rng.uniform(0, h - side)
-            view, box = scene.resize((ZOOM, ZOOM), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side)), None
-        else:
-            photo, box = paste(scene, load_image(rng.choice(birds)), math.exp(rng.uniform(math.log(0.15), math.log(0.7))), rng, 600)
-            w, h = photo.size
-            bird_side = box[2] - box[0]
-            side = min(min(w, h), bird_side * rng.uniform(1.6, 3.4))
-            cx = (box[0] + box[2]) / 2 + rng.uniform(-0.35, 0.35) * bird_side
-            cy = (box[1] + box[3]) / 2 + rng.uniform(-0.35, 0.35) * bird_side
-            left, top = min(max(cx - side / 2, 0), w - side), min(max(cy - side / 2, 0), h - side)
-            view = photo.resize((ZOOM, ZOOM), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
-            box = tuple((v - o) * ZOOM / side for v, o in zip(box, (left, top, left, top)))
+        view, box = _closer_look(scene_crop(load_image(rng.choice(scenes), shrink_to=400), rng), birds, rng, empty=i % 4 == 3)
         m = feats.closer(view)
         zoom_rows.append(m.flatten(1).T.half())
         zoom_cover.append(torch.zeros(m.shape[1] * m.shape[2]) if box is None else coverage(box, ZOOM, ZOOM, *m.shape[1:]).flatten())
     log(f"features: {CLOSER_LOOKS} closer looks, {time.perf_counter() - start:.0f} s")
 
-    def equal(groups_):  # rows, targets and weights, each group weighted equally, each image's cells too
-        x, y, w = [], [], []
-        for rows, targets, share in groups_:
-            for r, t in zip(rows, targets):
-                x.append(r.float() if r.dim() > 1 else r[None])
-                y.append(t if t.dim() else t[None])
-                w.append(torch.full((len(x[-1]),), share / len(rows) / len(x[-1])))
-        return torch.cat(x), torch.cat(y).float(), torch.cat(w)
-
     report = {}
     positives = [pooled["cub_fit"], pooled["other_fit"], torch.stack(scene_pooled)]
-    x, y, w = equal([(list(p), [torch.tensor(1.0)] * len(p), 1.0) for p in positives]
-                    + [(list(pooled["none_fit"]), [torch.tensor(0.0)] * len(pooled["none_fit"]), 3.0)])
-    weight, bias, loss = _fit_logistic(x, y, w, l2=1e-2)
-    detector.bird.weight.copy_(weight[None])
-    detector.bird.bias.fill_(float(bias))
-    report["bird"] = {"birds": sum(len(p) for p in positives), "no_bird": len(pooled["none_fit"]), "loss": round(loss, 4)}
-    x, y, w = equal([(scene_rows, scene_cover, 1.0), (none_rows, [torch.zeros(len(r)) for r in none_rows], 0.5)])
-    weight, bias, loss = _fit_logistic(x, y, w, l2=1e-3)
-    detector.cells.weight.copy_(weight.view(1, -1, 1, 1))
-    detector.cells.bias.fill_(float(bias))
-    report["cells"] = {"rows": len(x), "loss": round(loss, 4)}
-    del x, y, w, scene_rows, none_rows
-    x, y, w = equal([(zoom_rows, zoom_cover, 1.0)])
-    weight, bias, loss = _fit_logistic(x, y, w, l2=1e-3)
-    detector.zoom.weight.copy_(weight.view(1, -1, 1, 1))
-    detector.zoom.bias.fill_(float(bias))
-    report["zoom"] = {"rows": len(x), "loss": round(loss, 4)}
+    loss = _fit_head(detector.bird, [(list(p), [torch.tensor(1.0)] * len(p), 1.0) for p in positives]
+                     + [(list(pooled["none_fit"]), [torch.tensor(0.0)] * len(pooled["none_fit"]), 3.0)], l2=1e-2)
+    report["bird"] = {"birds": sum(len(p) for p in positives), "no_bird": len(pooled["none_fit"]), "loss": loss}
+    rows = sum(len(r) for r in scene_rows + none_rows)
+    loss = _fit_head(detector.cells, [(scene_rows, scene_cover, 1.0), (none_rows, [torch.zeros(len(r)) for r in none_rows], 0.5)])
+    report["cells"] = {"rows": rows, "loss": loss}
+    del scene_rows, none_rows
+    rows = sum(len(r) for r in zoom_rows)
+    report["zoom"] = {"rows": rows, "loss": _fit_head(detector.zoom, [(zoom_rows, zoom_cover, 1.0)])}
     log(f"heads fit, {time.perf_counter() - start:.0f} s: {report}")
     return report
+
+
+def _closer_look(scene: Image.Image, birds: list, rng: random.Random, empty: bool):
+    """A closer look for the ``zoom`` head's fit: (a ZOOM-px view, the bird's box in it, or None).
+    ``empty``: a random square of ``scene`` with no bird; else a bird pasted into it, and a square
+    1.6-3.4 times its side around it, off-centre by up to 0.35 of that side."""
+    from .detector import ZOOM
+    from .transforms import load_image
+
+    if empty:
+        w, h = scene.size
+        side = rng.uniform(0.3, 1.0) * min(w, h)
+        left, top = rng.uniform(0, w - side), rng.uniform(0, h - side)
+        return scene.resize((ZOOM, ZOOM), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side)), None
+    photo, box = paste(scene, load_image(rng.choice(birds)), math.exp(rng.uniform(math.log(0.15), math.log(0.7))), rng, 600)
+    w, h = photo.size
+    bird_side = box[2] - box[0]
+    side = min(min(w, h), bird_side * rng.uniform(1.6, 3.4))
+    cx = (box[0] + box[2]) / 2 + rng.uniform(-0.35, 0.35) * bird_side
+    cy = (box[1] + box[3]) / 2 + rng.uniform(-0.35, 0.35) * bird_side
+    left, top = min(max(cx - side / 2, 0), w - side), min(max(cy - side / 2, 0), h - side)
+    view = photo.resize((ZOOM, ZOOM), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+    return view, tuple((v - o) * ZOOM / side for v, o in zip(box, (left, top, left, top)))
+
+
+def _fit_head(head, groups: list, l2: float = 1e-3) -> float:
+    """Fit a linear head (``nn.Linear`` or a 1x1 ``nn.Conv2d`` with one output) in place by
+    weighted logistic regression on ``groups`` of (rows, targets, share): each group weighted by its
+    share, each image (and each of its cells) equally within it. Returns the final loss."""
+    from .training.calibrate import _fit_logistic
+
+    x, y, w = [], [], []
+    for rows, targets, share in groups:
+        for r, t in zip(rows, targets):
+            x.append(r.float() if r.dim() > 1 else r[None])
+            y.append(t if t.dim() else t[None])
+            w.append(torch.full((len(x[-1]),), share / len(rows) / len(x[-1])))
+    weight, bias, loss = _fit_logistic(torch.cat(x), torch.cat(y).float(), torch.cat(w), l2=l2)
+    head.weight.copy_(weight.view(head.weight.shape))
+    head.bias.fill_(float(bias))
+    return round(loss, 4)
 
 
 def held_out_scenes(birds: list, labels: list, scenes: list, copies: int = 3, share: float = 1 / 3, seed: int = 1):
@@ -229,17 +234,15 @@ def held_out_scenes(birds: list, labels: list, scenes: list, copies: int = 3, sh
     return photos, torch.tensor(out_labels)
 
 
-def choose_v5_rules(classifier, groups: dict[str, list], log=print) -> tuple:
-    """The verdict rules of v5 from held-out photos (see the module's text); returns (rules, table)."""
-    from .training.calibrate import combined, run_passes, verdict_birds
-    from .transforms import load_image, wider_shot
-    from .verdict import VerdictRules, choose_unsure
+def _choose_find(classifier, plain: list, labels, scenes: list, scene_labels, log=print) -> tuple:
+    """Find-the-bird's margin, threshold and crop weight: the photos as given within a point of one
+    pass without a crop (no regression), then the most birds right in scenes and in wider shots
+    (1/2 and 1/3 of the frame), on average; ties go to the setting that looks closer less often.
+    Returns (rules, the chosen margin's passes, the table of top-1s, the one-pass top-1)."""
+    from .training.calibrate import combined, run_passes
+    from .transforms import wider_shot
+    from .verdict import VerdictRules
 
-    plain = [load_image(p) for p in groups["cub_val"]]
-    labels = torch.tensor(groups["cub_val_labels"])
-    scenes, scene_labels = held_out_scenes(groups["cub_val"], groups["cub_val_labels"], groups["none_val"])
-    others = [load_image(p) for p in groups["other_val"]]
-    nones = [load_image(p, shrink_to=600) for p in groups["none_val"]]
     table, candidates, baseline = {}, [], None
     for margin in MARGINS:
         passes = {"plain": run_passes(classifier, plain, margin=margin), "scenes": run_passes(classifier, scenes, margin=margin),
@@ -254,12 +257,24 @@ def choose_v5_rules(classifier, groups: dict[str, list], log=print) -> tuple:
                 table[f"margin {margin} find<{find_below} w={weight}"] = [round(a, 4) for a in accs]
                 candidates.append((accs, rules, passes))
         log(f"margin {margin} done")
-    # No regression on photos as given (within a point of one pass without a crop), then the most
-    # birds right in scenes and in wider shots (1/2 and 1/3 of the frame), on average; ties go to
-    # the setting that looks closer less often.
     kept = [c for c in candidates if c[0][0] >= baseline - 0.01]
     best = max(kept, key=lambda c: (round(sum(c[0][1:]) / 3, 4), -c[1].find_below))
     _, rules, passes = best
+    return rules, passes, table, baseline
+
+
+def choose_v5_rules(classifier, groups: dict[str, list], log=print) -> tuple:
+    """The verdict rules of v5 from held-out photos (see the module's text); returns (rules, table)."""
+    from .training.calibrate import combined, run_passes, verdict_birds
+    from .transforms import load_image
+    from .verdict import VerdictRules, choose_unsure
+
+    plain = [load_image(p) for p in groups["cub_val"]]
+    labels = torch.tensor(groups["cub_val_labels"])
+    scenes, scene_labels = held_out_scenes(groups["cub_val"], groups["cub_val_labels"], groups["none_val"])
+    others = [load_image(p) for p in groups["other_val"]]
+    nones = [load_image(p, shrink_to=600) for p in groups["none_val"]]
+    rules, passes, table, baseline = _choose_find(classifier, plain, labels, scenes, scene_labels, log)
     passes["others"] = run_passes(classifier, others, margin=rules.find_margin)
     passes["none"] = run_passes(classifier, nones, margin=rules.find_margin)
     # Not a bird: the whole photo's score lets at most 1% of each group of held-out birds as given
