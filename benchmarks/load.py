@@ -138,34 +138,42 @@ def work_files(app: AppServer) -> int:
 
 def run(checkpoint: Path, work: Path, clients: int = 8, calls_per_client: int = 25, requests: int = 500,
         train: bool = True, timeout: float = 600.0, top_k: int = 5) -> dict:
-    photos = make_photos(work / "photos")
-    result: dict = {"checkpoint": checkpoint.name, "clients": clients}
+    """The load run on a fresh ``app.py`` serving ``checkpoint``."""
     with AppServer(checkpoint, work / "app") as app:
-        deadline = time.monotonic() + timeout
-        pool = [Client(app.url, verbose=False) for _ in range(clients)]
-        calls = Calls()  # every request; the phases are time windows of it
-        drive(pool, photos, calls, 2, deadline, top_k=top_k)
-        baseline = app.rss_mb()
-        kept = work_files(app)
-        burst_start = time.monotonic()
-        drive(pool, photos, calls, calls_per_client, deadline, top_k=top_k)
-        burst_end = time.monotonic()
-        result["burst"] = calls.summary(since=burst_start, until=burst_end)
-        remaining = max(0, requests - len(calls.records))
-        drive(pool, photos, calls, -(-remaining // clients), deadline, top_k=top_k)
-        end = app.rss_mb()
-        result["memory"] = {
-            "requests": len(calls.records),
-            "success_rate": calls.summary()["success_rate"],
-            "rss_baseline_mb": round(baseline, 1),
-            "rss_end_mb": round(end, 1),
-            "rss_growth_mb": round(end - baseline, 1),
-            "peak_rss_mb": round(app.peak_rss_mb(), 1),
-            "work_files_added": work_files(app) - kept,
-            "gradio_cache_files": files_under(app.cache),
-        }
-        if train:
-            result["training"] = train_beside_classify(app, pool, photos, work, deadline, top_k)
+        return run_on(app, work, clients, calls_per_client, requests, train, timeout, top_k)
+
+
+def run_on(app: AppServer, work: Path, clients: int = 8, calls_per_client: int = 25, requests: int = 500,
+           train: bool = True, timeout: float = 600.0, top_k: int = 5) -> dict:
+    """The load run on a running app: a burst, then ``requests`` in all before memory is read,
+    then (``train``) a quick fine-tune beside the classifying."""
+    photos = make_photos(work / "photos")
+    result: dict = {"checkpoint": app.checkpoint.name, "clients": clients}
+    deadline = time.monotonic() + timeout
+    pool = [Client(app.url, verbose=False) for _ in range(clients)]
+    calls = Calls()  # every request; the phases are time windows of it
+    drive(pool, photos, calls, 2, deadline, top_k=top_k)
+    baseline = app.rss_mb()
+    kept = work_files(app)
+    burst_start = time.monotonic()
+    drive(pool, photos, calls, calls_per_client, deadline, top_k=top_k)
+    burst_end = time.monotonic()
+    result["burst"] = calls.summary(since=burst_start, until=burst_end)
+    remaining = max(0, requests - len(calls.records))
+    drive(pool, photos, calls, -(-remaining // clients), deadline, top_k=top_k)
+    end = app.rss_mb()
+    result["memory"] = {
+        "requests": len(calls.records),
+        "success_rate": calls.summary()["success_rate"],
+        "rss_baseline_mb": round(baseline, 1),
+        "rss_end_mb": round(end, 1),
+        "rss_growth_mb": round(end - baseline, 1),
+        "peak_rss_mb": round(app.peak_rss_mb(), 1),
+        "work_files_added": work_files(app) - kept,
+        "gradio_cache_files": files_under(app.cache),
+    }
+    if train:
+        result["training"] = train_beside_classify(app, pool, photos, work, deadline, top_k)
     return result
 
 

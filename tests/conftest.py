@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -97,11 +101,30 @@ def make_shapes(root: Path, classes: int = 3, per_class: int = 12, seed: int = 0
     return root
 
 
+_MADE = Path(tempfile.mkdtemp(prefix="resnext-test-models-"))  # each model below is trained once per run
+atexit.register(shutil.rmtree, _MADE, ignore_errors=True)
+
+
+def _made_once(make):
+    """``make(folder, *args) -> Path``, trained once per test run for each ``args`` (it is
+    deterministic): later calls copy the first result into their own folder."""
+    done: dict[tuple, Path] = {}
+
+    @functools.wraps(make)
+    def once(folder: Path, *args) -> Path:
+        key = tuple(tuple(a) if isinstance(a, list) else a for a in args)
+        if key not in done:
+            done[key] = make(Path(tempfile.mkdtemp(dir=_MADE)), *args)
+        return Path(shutil.copy2(done[key], Path(folder) / done[key].name))
+
+    return once
+
+
+@_made_once
 def shapes_backbone(folder: Path, classes: list[str]) -> Path:
     """A tiny network that has learnt to see shapes (full mode, 8 epochs on 4 shape classes,
     about 2 s), saved with a fresh head for ``classes``: a start point whose features mean
     something, as a real model's do, so a quick fine-tune from it can be sure of its answers."""
-    from resnext import load_checkpoint
     from resnext.data import load_dataset
     from resnext.training import TrainConfig, train
 
@@ -113,6 +136,7 @@ def shapes_backbone(folder: Path, classes: list[str]) -> Path:
     return save_checkpoint(folder / "shapes_backbone.safetensors", trained.eval(), classes, Preprocessing(64, 72))
 
 
+@_made_once
 def red_is_no_bird(folder: Path) -> Path:
     """A start model with a bird check that, like the real model's with flamingos, refuses one kind
     of subject: a :func:`shapes_backbone` whose bird head is fit to call red discs "not a bird"
@@ -142,6 +166,26 @@ def mostly_not_red(root: Path) -> Path:
     for extra in sorted((root / "red disc").glob("*.png"))[6:]:
         extra.unlink()
     return root
+
+
+APP_CLASSES = ["Blue_Jay", "Cedar_Waxwing", "Summer_Tanager", "Carolina_Wren", "White_Pelican"]  # the examples' species
+APP_MODEL = "resnext50_32x4d_cub100_tiny"  # as long as the real default model's name
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory):
+    """One real ``app.py`` over HTTP for the whole run (the browser, load and public-server tests
+    share it; each start costs about 7 s). It serves a :func:`shapes_backbone` whose classes
+    include the example photos' species, so the examples show as they do with the real bird
+    model, and a visitor's quick fine-tune from it can be sure of its answers. Runs may be as long
+    as a caller asks (``RESNEXT_MAX_EPOCHS``), so that a run whose caller left can be seen stopped."""
+    from serve import AppServer
+
+    folder = tmp_path_factory.mktemp("appmodel")
+    checkpoint = shapes_backbone(folder, APP_CLASSES).rename(folder / f"{APP_MODEL}.safetensors")
+    with AppServer(checkpoint, tmp_path_factory.mktemp("appwork"), timeout=120, device="cpu",
+                   extra_env={"RESNEXT_MAX_EPOCHS": "100000"}) as app:
+        yield app
 
 
 OWNER = "0123456789abcdef0123456789abcdef"  # a visitor's token, as the app makes them

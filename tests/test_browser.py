@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SHAPES, make_shapes, mostly_not_red, red_is_no_bird, shapes_backbone, tiny_model
+from conftest import APP_CLASSES as BIRDS, APP_MODEL as DEFAULT, SHAPES, make_shapes, mostly_not_red, red_is_no_bird, tiny_model
 from resnext import Preprocessing, save_checkpoint
-from serve import AppServer
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 playwright = pytest.importorskip("playwright.sync_api")
@@ -30,19 +29,12 @@ OUT = ROOT / "test-output"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--no-first-run",
          "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]  # a test-pattern webcam
-BIRDS = ["Blue_Jay", "Cedar_Waxwing", "Summer_Tanager", "Carolina_Wren", "White_Pelican"]
-DEFAULT = "resnext50_32x4d_cub100_tiny"  # as long as the real default model's name
 DESKTOP, PHONE = {"width": 1280, "height": 900}, {"width": 390, "height": 844}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("birdmodel")
-    # A tiny network that has learnt to see shapes: a visitor's quick fine-tune from it can be sure
-    # of its answers, as one from the real bird model is.
-    checkpoint = shapes_backbone(folder, BIRDS).rename(folder / f"{DEFAULT}.safetensors")
-    with AppServer(checkpoint, tmp_path_factory.mktemp("appwork"), timeout=120) as app:
-        yield app.url
+def server(app_server):
+    return app_server.url
 
 
 @pytest.fixture(scope="module")
