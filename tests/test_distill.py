@@ -133,3 +133,46 @@ def test_distill_mode_trains_a_locator_and_records_names_only(trusted, tmp_path)
 def test_distill_mode_needs_a_teacher():
     with pytest.raises(ValueError, match="distill mode needs a teacher"):
         TrainConfig(mode="distill").resolved()
+
+
+def test_cutmix_pastes_a_box_of_another_view_into_the_chosen_ones():
+    from resnext.training.augment import cutmix
+
+    x = torch.arange(8, dtype=torch.float32).view(8, 1, 1, 1).expand(8, 3, 16, 16).clone()  # view i is all i
+    mixed = cutmix(x, 0.5, torch.Generator().manual_seed(3))
+    assert 0 < int(mixed.sum()) < 8
+    for i in range(8):
+        values = set(x[i].unique().tolist())
+        if mixed[i]:
+            assert len(values - {i}) == 1 and len(values) <= 2  # one other view's box (and its own pixels)
+        else:
+            assert values == {i}  # untouched
+    assert not cutmix(x.clone(), 0.0).any()
+
+
+def test_distill_with_cutmix_across_the_pools_trains(trusted, tmp_path):
+    data = load_dataset(make_shapes(tmp_path / "labelled", classes=3, per_class=8), val_split=0.25)
+    negatives = tmp_path / "negatives"
+    negatives.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((40, 50, 3), 40 * i, np.uint8)).save(negatives / f"{i}.png")
+    config = TrainConfig(mode="distill", init="scratch", arch="tiny", epochs=2, image_size=32, batch_size=12, lr=0.05,
+                         teacher=str(trusted), teacher_size=48, negatives=(str(negatives),), cutmix=0.5, crop_fraction=1.0)
+    result = train(data, config, out=tmp_path / "mixed.safetensors")
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in result.history)
+    assert read_metadata(tmp_path / "mixed.safetensors").provenance["config"]["cutmix"] == 0.5
+
+
+def test_a_loss_over_no_kept_rows_is_zero_and_keeps_the_graph():
+    from resnext.training.distill import _mean
+
+    rows = torch.tensor([1.0, 3.0, 5.0], requires_grad=True)
+    assert _mean(rows, torch.tensor([True, False, True])).item() == 3.0
+    empty = _mean(rows, torch.zeros(3, dtype=torch.bool))
+    assert empty.item() == 0.0 and empty.requires_grad
+
+
+def test_cutmix_is_a_share():
+    with pytest.raises(ValueError, match="cutmix must be between 0 and 1"):
+        TrainConfig(mode="distill", teacher="t.pt", cutmix=1.5).resolved()

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["zoom_out", "coverage", "synthetic_nonphoto"]
+__all__ = ["zoom_out", "coverage", "synthetic_nonphoto", "cutmix"]
 
 
 def _blur(x: Tensor, sigma: float) -> Tensor:
@@ -99,3 +99,23 @@ def synthetic_nonphoto(size: int, generator: torch.Generator | None = None) -> T
         return x
     blobs = torch.rand(3, 4, 4, generator=g)  # smooth colour field
     return F.interpolate(blobs[None], size=(size, size), mode="bicubic", align_corners=False)[0].clamp(0, 1)
+
+
+def cutmix(x: Tensor, share: float, generator: torch.Generator | None = None) -> Tensor:
+    """CutMix within a batch (Yun et al., 2019): about ``share`` of the views (B, C, S, S) get a
+    box of another view of the batch pasted in, its area a uniform 0..1 of the frame (side
+    sqrt of it), anywhere. Changes ``x`` in place; returns which views were mixed (B,) bool.
+    Views are taken from a copy, so a view pasted into another is its original self."""
+    n, _, height, width = x.shape
+    mixed = torch.rand(n, generator=generator) < share
+    if n < 2 or not mixed.any():
+        return torch.zeros(n, dtype=torch.bool)
+    source = x.clone()
+    partners = (torch.arange(n) + torch.randint(1, n, (n,), generator=generator)) % n  # never itself
+    for i in mixed.nonzero().flatten().tolist():
+        side = math.sqrt(float(torch.rand((), generator=generator)))
+        h, w = max(1, round(side * height)), max(1, round(side * width))
+        top = int(torch.randint(0, height - h + 1, (), generator=generator))
+        left = int(torch.randint(0, width - w + 1, (), generator=generator))
+        x[i, :, top : top + h, left : left + w] = source[partners[i], :, top : top + h, left : left + w]
+    return mixed

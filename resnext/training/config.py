@@ -62,6 +62,10 @@ class TrainConfig:
     feature_weight: float = 1.0
     locator_weight: float = 1.0
     outlier_weight: float = 0.5
+    # distill mode: the share of each batch's views that get a box of another view of the batch pasted in
+    # (CutMix across the pools: birds into non-birds and the reverse), learnt from the teacher alone
+    # ("function matching", Beyer et al., 2022): its probe's answer and its features on the mixed view
+    cutmix: float = 0.0
     snapshot: str | None = None  # distill mode: write each epoch's weights here
 
     def resolved(self) -> "TrainConfig":
@@ -69,7 +73,7 @@ class TrainConfig:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.mode == "distill" and not self.teacher:
             raise ValueError("distill mode needs a teacher (the MobileNetV2 weights file)")
-        for name in ("unlabelled_fraction", "negative_fraction", "real_negatives", "zoom_out", "min_zoom"):
+        for name in ("unlabelled_fraction", "negative_fraction", "real_negatives", "zoom_out", "min_zoom", "cutmix"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
         if self.optimizer not in ("sgd", "adamw"):

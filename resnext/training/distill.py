@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..data import IMAGE_EXTENSIONS
 from ..transforms import Preprocessing, load_image, wider_shot
-from .augment import coverage, synthetic_nonphoto, zoom_out
+from .augment import coverage, cutmix, synthetic_nonphoto, zoom_out
 from .context import Best, Context, decode, eta, evaluate_tensors, freeze, freeze_batchnorm, lr_factor, summarise
 from .teacher import Teacher, load_teacher_backbone
 
@@ -130,7 +130,7 @@ def run(ctx: Context):
                 return None
             items, y = _batch(views, pools, labels, order[s * mix[0] : (s + 1) * mix[0]], mix, config, g)
             lr = config.lr * lr_factor(clock["step"], total, int(config.warmup_epochs * steps_per_epoch))
-            loss, parts = _step(ctx, teacher, projection, optimizer, lr, items, y, mix)
+            loss, parts = _step(ctx, teacher, projection, optimizer, lr, items, y, mix, g)
             clock["step"] += 1
             clock["seen"] += len(items)
             sums += torch.tensor([loss * mix[0], parts["correct"], mix[0], parts["locator"] * mix[0]])
@@ -184,12 +184,14 @@ def _batch(views: _Views, pools: dict, labels: Tensor, idx: Tensor, mix, config,
     return items, labels[idx]
 
 
-def _step(ctx: Context, teacher: Teacher, projection: nn.Module, optimizer, lr: float, items, y: Tensor, mix):
+def _step(ctx: Context, teacher: Teacher, projection: nn.Module, optimizer, lr: float, items, y: Tensor, mix,
+          g: torch.Generator | None = None):
     """One optimisation step; returns the loss and its parts."""
     config, model, device = ctx.config, ctx.model, ctx.device
     n_lab, n_unl, n_neg = mix
-    x = torch.stack([v for v, _ in items]).to(device)  # (B, 3, T, T) at the teacher's size
-    y = y.to(device)
+    x = torch.stack([v for v, _ in items])  # (B, 3, T, T) at the teacher's size
+    mixed = cutmix(x, config.cutmix, g) if config.cutmix else torch.zeros(len(items), dtype=torch.bool)
+    x, y, mixed = x.to(device), y.to(device), mixed.to(device)
     t_logits, t_feats = teacher(x)
     xs = F.interpolate(x, size=(ctx.train_pre.input_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
     for group in optimizer.param_groups:
@@ -200,18 +202,30 @@ def _step(ctx: Context, teacher: Teacher, projection: nn.Module, optimizer, lr: 
         located = model.forward_locator(features).float()  # (B, h, w)
         projected = projection(features.float().mean(dim=(2, 3)))
     target_map = torch.stack([coverage(box, located.shape[-1]) for _, box in items]).to(device)
-    lab, temp = slice(0, n_lab), config.temperature
-    kd = F.kl_div(F.log_softmax(logits[lab] / temp, 1), F.softmax(t_logits[lab] / temp, 1), reduction="batchmean") * temp**2
-    ce = F.cross_entropy(logits[lab], y, label_smoothing=config.label_smoothing)
+    # The teacher's probe is matched on the labelled views and on every mixed one; the labels, the
+    # locator's map and "no class" (outlier exposure) hold only for the views left as they were.
+    labelled = torch.arange(len(items), device=device) < n_lab
+    plain = ~mixed
+    temp = config.temperature
+    kd_rows = F.kl_div(F.log_softmax(logits / temp, 1), F.softmax(t_logits / temp, 1), reduction="none").sum(1) * temp**2
+    kd = _mean(kd_rows, labelled | mixed)
+    ce = _mean(F.cross_entropy(logits, torch.cat([y, y.new_zeros(len(items) - n_lab)]), reduction="none",
+                               label_smoothing=config.label_smoothing), labelled & plain)
     feat = F.smooth_l1_loss(projected, t_feats)
-    loc = F.binary_cross_entropy_with_logits(located, target_map)
+    loc = _mean(F.binary_cross_entropy_with_logits(located, target_map, reduction="none").mean((1, 2)), plain)
     loss = kd + config.ce_weight * ce + config.feature_weight * feat + config.locator_weight * loc
-    if n_neg:  # outlier exposure: a uniform class distribution on non-birds
-        loss = loss + config.outlier_weight * -F.log_softmax(logits[n_lab + n_unl :], 1).mean()
+    negative = (torch.arange(len(items), device=device) >= n_lab + n_unl) & plain
+    if negative.any():  # outlier exposure: a uniform class distribution on non-birds
+        loss = loss + config.outlier_weight * _mean(-F.log_softmax(logits, 1).mean(1), negative)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.item(), {"correct": (logits[lab].argmax(1) == y).sum().item(), "locator": loc.item()}
+    return loss.item(), {"correct": (logits[:n_lab].argmax(1) == y).sum().item(), "locator": loc.item()}
+
+
+def _mean(rows: Tensor, keep: Tensor) -> Tensor:
+    """The mean of ``rows`` where ``keep``; 0 (still part of the graph) where none is kept."""
+    return (rows * keep).sum() / keep.sum().clamp_min(1)
 
 
 def _judge(ctx: Context, val, sums: Tensor, epoch: int) -> tuple[dict, Tensor]:
