@@ -1,0 +1,121 @@
+"""The recipe for a ResNeXt that knows more of the world (the next default model, v6): the
+teacher's features on every photo we may train on, at a larger input, then v5's bird detector and
+verdicts chosen again on held-out photos.
+
+    python -m resnext.recipe_v6 [--shared ../shared] [--epochs 30] [--image-size 112]
+                                [--teacher-size 224] [--cutmix 0.3] [--out checkpoints/v6.safetensors]
+                                [--record-test ../shared/data/cub100/test] [--report report.json]
+
+1. ``distill`` (the engine's distill mode), the whole network, from the installed default model:
+   labelled photos are ``cub100/train`` minus v4's 5 % validation split; the teacher's features
+   (and its probe's answer) are matched on them and, as unlabelled birds and as photos with no
+   bird, on every photo :func:`resnext.recipe_detector.splits` lets the detector fit on (never
+   the 48 reserved species, the held-out species, the held-out no-bird photos or ``cub100/test``),
+   on zoom-outs and birds pasted into scenes, and on CutMixes across them. The teacher sees each
+   view at ``--teacher-size``, the student the same view at ``--image-size``. Every epoch's weights
+   go to ``<out>.raw.last.safetensors`` (a crash loses one epoch; ``--init`` on that file goes on
+   from its weights with a fresh schedule), the best epoch's (plain and 1/3-frame validation) to
+   ``<out>.raw.safetensors``.
+2. ``recipe_detector`` with ``--heads-from`` the start model: v5's detector, unchanged, on the new
+   network, and the verdict rules chosen again on held-out photos only.
+
+The output is written to ``--out``, never over the installed model: compare its validation
+numbers (printed, and in ``--report``) with the installed model's before installing it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from .data import load_dataset
+from .inference import DEFAULT_CHECKPOINT
+from .recipe_cub100 import CONFIG as V4_CONFIG
+from .recipe_cub100 import link_folder
+from .training import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = TrainConfig(**{
+    **V4_CONFIG.__dict__,
+    "epochs": 30,
+    "image_size": 112,
+    "teacher_size": 224,
+    "train_layers": "all",
+    "lr": 0.02,
+    "unlabelled_fraction": 0.25,
+    "negative_fraction": 0.15,
+    "cutmix": 0.3,
+})
+
+
+def training_config(shared: Path, folder: Path, out: Path, **changes) -> TrainConfig:
+    """Phase 1's settings, with the photo pools linked into ``folder``."""
+    from .recipe_detector import splits
+
+    groups = splits(shared)
+    return TrainConfig(**{
+        **CONFIG.__dict__, **changes,
+        "teacher": str(shared / "weights" / "mobilenetv2_imagenet_features.pt"),
+        "unlabelled": (str(link_folder(groups["other_fit"], folder / "other-species")),),
+        "negatives": (str(link_folder(groups["none_fit"], folder / "no-bird")),),
+        "snapshot": str(out.with_suffix(".raw.last.safetensors")),
+    })
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
+    parser.add_argument("--out", type=Path, default=ROOT / "checkpoints" / "v6.safetensors")
+    parser.add_argument("--init", default="default", help="start point (default: the installed default model)")
+    parser.add_argument("--detector-from", type=Path, default=DEFAULT_CHECKPOINT,
+                        help="the model whose bird detector the result carries (default: the installed one)")
+    parser.add_argument("--epochs", type=int, default=CONFIG.epochs)
+    parser.add_argument("--image-size", type=int, default=CONFIG.image_size)
+    parser.add_argument("--teacher-size", type=int, default=CONFIG.teacher_size)
+    parser.add_argument("--cutmix", type=float, default=CONFIG.cutmix)
+    parser.add_argument("--skip-training", action="store_true", help="only phase 2, on <out>.raw.safetensors")
+    parser.add_argument("--record-test", type=Path, metavar="DIR", help="then evaluate on this test folder and record it")
+    parser.add_argument("--report", type=Path, metavar="JSON", help="write the full report here")
+    args = parser.parse_args()
+    if args.out.resolve() == DEFAULT_CHECKPOINT.resolve():
+        parser.error("--out must not be the installed model: judge the result on validation first")
+    raw = args.out.with_suffix(".raw.safetensors")
+    report: dict = {}
+    if not args.skip_training:
+        data = load_dataset(args.shared / "data" / "cub100" / "train", val_split=CONFIG.val_split, seed=CONFIG.seed)
+        with tempfile.TemporaryDirectory(prefix="recipe-v6-") as tmp:
+            config = training_config(args.shared, Path(tmp), args.out, init=args.init, epochs=args.epochs,
+                                     image_size=args.image_size, teacher_size=args.teacher_size, cutmix=args.cutmix)
+            result = train(data, config, out=raw, callback=_show)
+        report["phase 1"] = {"best_epoch": result.best_epoch, "val_acc": result.val_acc, "minutes": result.seconds / 60,
+                             "history": result.history}
+        print(f"phase 1: best val {result.val_acc:.2%} at epoch {result.best_epoch}, {result.seconds / 60:.1f} min", flush=True)
+    from .recipe_detector import build
+
+    report["phase 2"] = build(raw, args.shared, args.out, log=lambda m: print(m, flush=True), heads_from=args.detector_from)
+    if args.record_test:
+        from .recipe_cub100 import record_test
+
+        report["test"] = record_test(args.out, args.record_test)
+        print(json.dumps({k: {m: r[m] for m in ("top1", "top5", "n", "verdicts", "found_bird")} for k, r in report["test"].items()}),
+              flush=True)
+    if args.report:
+        args.report.write_text(json.dumps(report, indent=1, default=str))
+
+
+def _show(event) -> None:
+    if event.stage == "epoch":
+        print(json.dumps({"epoch": event.epoch, "loss": round(event.loss, 4), "train_acc": round(event.train_acc, 4),
+                          "val_acc": event.val_acc, "note": event.message, "img_s": round(event.images_per_s or 0, 1),
+                          "elapsed_s": round(event.elapsed_s)}), flush=True)
+    elif event.stage != "train":
+        print(event.message, flush=True)
+    elif event.step % 20 == 0:
+        print(f"step {event.step}/{event.steps} loss {event.loss:.3f} {event.images_per_s:.1f} img/s "
+              f"eta {event.eta_s / 60:.0f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()
