@@ -185,6 +185,30 @@ def record_test(out: Path, test: Path) -> dict:
     return {f"1/{f}": r for f, r in reports.items()}
 
 
+def finish(report: dict, out: Path, test: Path | None, report_path: Path | None) -> None:
+    """A recipe's last steps: with ``test``, :func:`record_test` (its headline numbers printed as
+    one JSON line, the full reports under ``report["test"]``); with ``report_path``, the report."""
+    if test:
+        report["test"] = record_test(out, test)
+        print(json.dumps({k: {m: r[m] for m in ("top1", "top5", "n", "verdicts", "found_bird")}
+                          for k, r in report["test"].items()}), flush=True)
+    if report_path:
+        report_path.write_text(json.dumps(report, indent=1, default=str))
+
+
+def show_progress(event) -> None:
+    """A training run's progress for a log: each epoch as a JSON line, every 20th step, messages."""
+    if event.stage == "epoch":
+        print(json.dumps({"epoch": event.epoch, "loss": round(event.loss, 4), "train_acc": round(event.train_acc, 4),
+                          "val_acc": event.val_acc, "note": event.message, "img_s": round(event.images_per_s or 0, 1),
+                          "elapsed_s": round(event.elapsed_s)}), flush=True)
+    elif event.stage != "train":
+        print(event.message, flush=True)
+    elif event.step % 20 == 0:
+        print(f"step {event.step}/{event.steps} loss {event.loss:.3f} {event.images_per_s:.1f} img/s "
+              f"eta {event.eta_s / 60:.0f} min", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
@@ -204,17 +228,6 @@ def main() -> None:
     data = load_dataset(args.shared / "data" / "cub100" / "train", val_split=CONFIG.val_split, seed=CONFIG.seed)
     splits = held_out(args.shared)
 
-    def show(event):
-        if event.stage == "epoch":
-            print(json.dumps({"epoch": event.epoch, "loss": round(event.loss, 4), "train_acc": round(event.train_acc, 4),
-                              "val_acc": event.val_acc, "note": event.message, "img_s": round(event.images_per_s or 0, 1),
-                              "elapsed_s": round(event.elapsed_s)}), flush=True)
-        elif event.stage != "train":
-            print(event.message, flush=True)
-        elif event.step % 20 == 0:
-            print(f"step {event.step}/{event.steps} loss {event.loss:.3f} {event.images_per_s:.1f} img/s "
-                  f"eta {event.eta_s / 60:.0f} min", flush=True)
-
     if not args.skip_training:
         with tempfile.TemporaryDirectory(prefix="recipe-") as tmp:
             config = TrainConfig(**{
@@ -224,16 +237,11 @@ def main() -> None:
                 "negatives": (str(link_folder(splits["nonbird_train"], Path(tmp) / "nonbird")),),
                 "snapshot": str(raw.with_suffix(".last.safetensors")),
             })
-            result = train(data, config, out=raw, callback=show)
+            result = train(data, config, out=raw, callback=show_progress)
         print(f"phase 1: best val {result.val_acc:.2%} at epoch {result.best_epoch}, {result.seconds / 60:.1f} min", flush=True)
     report = {"phase 2": calibrate(raw, data, splits, args.out, tuple(args.find_margins))}
     print(json.dumps(report["phase 2"], indent=1), flush=True)
-    if args.record_test:
-        report["test"] = record_test(args.out, args.record_test)
-        print(json.dumps({k: {m: r[m] for m in ("top1", "top5", "n", "verdicts", "found_bird")} for k, r in report["test"].items()}),
-              flush=True)
-    if args.report:
-        args.report.write_text(json.dumps(report, indent=1))
+    finish(report, args.out, args.record_test, args.report)
 
 
 if __name__ == "__main__":

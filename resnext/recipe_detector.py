@@ -379,14 +379,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(SEED)
     report = build(args.start, args.shared, args.out, log=lambda m: print(m, flush=True), heads_from=args.heads_from)
-    if args.record_test:
-        from .recipe_cub100 import record_test
+    from .recipe_cub100 import finish
 
-        report["test"] = record_test(args.out, args.record_test)
-        print(json.dumps({k: {m: r[m] for m in ("top1", "top5", "n", "verdicts", "found_bird")} for k, r in report["test"].items()}),
-              flush=True)
-    if args.report:
-        args.report.write_text(json.dumps(report, indent=1, default=str))
+    finish(report, args.out, args.record_test, args.report)
 
 
 if __name__ == "__main__":

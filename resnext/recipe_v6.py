@@ -26,14 +26,13 @@ numbers (printed, and in ``--report``) with the installed model's before install
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 from .data import load_dataset
 from .inference import DEFAULT_CHECKPOINT
 from .recipe_cub100 import CONFIG as V4_CONFIG
-from .recipe_cub100 import link_folder
+from .recipe_cub100 import link_folder, show_progress
 from .training import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,33 +87,16 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="recipe-v6-") as tmp:
             config = training_config(args.shared, Path(tmp), args.out, init=args.init, epochs=args.epochs,
                                      image_size=args.image_size, teacher_size=args.teacher_size, cutmix=args.cutmix)
-            result = train(data, config, out=raw, callback=_show)
+            result = train(data, config, out=raw, callback=show_progress)
         report["phase 1"] = {"best_epoch": result.best_epoch, "val_acc": result.val_acc, "minutes": result.seconds / 60,
                              "history": result.history}
         print(f"phase 1: best val {result.val_acc:.2%} at epoch {result.best_epoch}, {result.seconds / 60:.1f} min", flush=True)
     from .recipe_detector import build
 
     report["phase 2"] = build(raw, args.shared, args.out, log=lambda m: print(m, flush=True), heads_from=args.detector_from)
-    if args.record_test:
-        from .recipe_cub100 import record_test
+    from .recipe_cub100 import finish
 
-        report["test"] = record_test(args.out, args.record_test)
-        print(json.dumps({k: {m: r[m] for m in ("top1", "top5", "n", "verdicts", "found_bird")} for k, r in report["test"].items()}),
-              flush=True)
-    if args.report:
-        args.report.write_text(json.dumps(report, indent=1, default=str))
-
-
-def _show(event) -> None:
-    if event.stage == "epoch":
-        print(json.dumps({"epoch": event.epoch, "loss": round(event.loss, 4), "train_acc": round(event.train_acc, 4),
-                          "val_acc": event.val_acc, "note": event.message, "img_s": round(event.images_per_s or 0, 1),
-                          "elapsed_s": round(event.elapsed_s)}), flush=True)
-    elif event.stage != "train":
-        print(event.message, flush=True)
-    elif event.step % 20 == 0:
-        print(f"step {event.step}/{event.steps} loss {event.loss:.3f} {event.images_per_s:.1f} img/s "
-              f"eta {event.eta_s / 60:.0f} min", flush=True)
+    finish(report, args.out, args.record_test, args.report)
 
 
 if __name__ == "__main__":
