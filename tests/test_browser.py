@@ -229,6 +229,10 @@ def test_a_first_visitor_learns_what_it_does_and_which_species_it_knows(browser,
         page.locator("#species-list").get_by_text("5 classes: Blue Jay, Carolina Wren, Cedar Waxwing").wait_for()
         shot(page, f"species-{'phone' if viewport == PHONE else 'desktop'}")
         page.get_by_role("tab", name="Model").click()
+        # The card is written by the page's load event; under load its "processing" overlay can
+        # still sit in front of it, so wait for the card itself (a hang fails at the guard).
+        page.wait_for_function("() => document.querySelector('#model-card').innerText.startsWith('In short')",
+                               timeout=30_000)
         card = page.locator("#model-card").inner_text()
         assert card.startswith("In short. Names 5 bird species") and card.index("In short") < card.index("ResNeXt, layers")
     finally:
