@@ -107,8 +107,12 @@ class VerdictRules:
         best = torch.maximum(torch.as_tensor(whole, dtype=torch.float64), shifted)
         return float(best) if best.dim() == 0 else best.float()
 
+    def no_bird(self, bird: float | None) -> bool:
+        """Whether the bird check says "not a bird" (never for a model that cannot say)."""
+        return self.bird_below is not None and bird is not None and bird < self.bird_below
+
     def verdict(self, top1: float, bird: float | None) -> str:
-        if self.bird_below is not None and bird is not None and bird < self.bird_below:
+        if self.no_bird(bird):
             return "not_a_bird"
         return "unsure" if top1 < self.unsure_below else "species"
 

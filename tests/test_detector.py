@@ -110,6 +110,28 @@ def test_the_packed_detector_computes_what_the_eager_one_does(shape):
     assert copy.deepcopy(detector)._fast is None  # packed kernels are not copied with the model
 
 
+@pytest.mark.parametrize("bird_bias, batches", [(10.0, [6]), (-10.0, [3])])
+def test_one_batched_resnext_pass_classifies_the_photos_and_their_crops(tmp_path, bird_bias, batches):
+    """The detector looks (and looks closer) first; then one ResNeXt pass takes the whole photos and
+    the crops together, and no crop is classified where the bird check already said "not a bird"."""
+    model = tiny_with_detector()
+    model.detector.bird.bias.fill_(bird_bias)
+    path = save_checkpoint(tmp_path / "d.safetensors", model, CLASSES, Preprocessing(64, 64, framing="whole"),
+                           {"verdict": {"unsure_below": 0.2, "bird_below": 0.5, "find_below": 1.0, "crop_weight": 0.5}})
+    classifier = Classifier(*load_checkpoint(path), device="cpu")
+    rng = np.random.default_rng(3)
+    photos = [Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)) for shape in [(200, 300, 3), (240, 160, 3), (99, 99, 3)]]
+    seen, features = [], classifier.features
+    classifier.features = lambda batch: (seen.append(len(batch)), features(batch))[1]
+    answers = classifier.predict(photos, k=3)
+    assert seen == batches
+    for photo, answer in zip(photos, answers):  # the same answers as one photo at a time
+        alone = classifier.predict(photo, k=3)[0]
+        assert answer.found == (bird_bias > 0) and answer.found == alone.found and answer.box == alone.box
+        assert [p.index for p in answer] == [p.index for p in alone]
+        assert [p.prob for p in answer] == pytest.approx([p.prob for p in alone], abs=1e-5)
+
+
 @pytest.mark.parametrize("bird_bias", [10.0, -10.0])
 def test_a_classifier_with_a_detector_answers_from_it(tmp_path, bird_bias):
     model = tiny_with_detector()
