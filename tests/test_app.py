@@ -42,6 +42,29 @@ def test_top3_tiles_are_small_copies(registry):
     assert all(img.size == (answers.TOP3_SIDE, 360) for img, _ in trio)
 
 
+def test_top3_tiles_are_the_overlays_shrunk(registry, photo):
+    """Each tile is drawn on a small copy of the photo, its map where the full-size overlay has it."""
+    big = np.asarray(Image.fromarray(photo).resize((1200, 900), Image.Resampling.BILINEAR))
+    shown = answers.classify(registry.get(), big, 3)
+    for (tile, _), e in zip(shown.top3, answers.gpu_explain(registry.get(), big, None, "gradcam", 3)[1:]):
+        expected = Image.fromarray(e.overlay_with(0.5)).resize(tile.size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+        assert np.abs(np.asarray(tile, dtype=float) - np.asarray(expected, dtype=float)).mean() < 3.0
+
+
+def test_a_phone_photo_gets_the_same_answer_alone_and_in_the_batch_table(registry, photo, tmp_path):
+    """Both read a 12-megapixel JPEG the same way (decoded at half size, shown at 1,280 px)."""
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(photo).resize((4032, 3024), Image.Resampling.BILINEAR).save(path, quality=90)
+    label = answers.classify(registry.get(), str(path), 3).label
+    rows, csv_path = answers.classify_many(registry.get(), [str(path)], tmp_path / "exports")
+    row = Path(csv_path).read_text().splitlines()[1].split(",")
+    assert row[2::2] == list(label)[:3]
+    assert [float(p) for p in row[3::2]] == pytest.approx(list(label.values())[:3], abs=1e-4)
+    record = answers.answer_record(registry.get(), str(path), 3)
+    assert record["box"][2] <= 4032 and record["box"][3] <= 3024  # in the file's pixels, not the shrunk photo's
+    assert max(record["box"][2] - record["box"][0], record["box"][3] - record["box"][1]) > 1280
+
+
 def test_without_top3_the_same_answer_and_no_gallery(registry, photo):
     full = answers.classify(registry.get(), photo, 3)
     lean = answers.classify(registry.get(), photo, 3, top3=False)

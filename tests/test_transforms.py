@@ -217,3 +217,40 @@ def test_jpeg_is_drafted_not_decoded_in_full(tmp_path, monkeypatch):
     monkeypatch.setattr(Image.Image, "resize", spy)
     load_image(big, shrink_to=150)
     assert sizes == [(500, 375)]  # decoded at 1/8 scale, then resized once
+
+
+def test_load_photo_bounds_the_longer_side_and_says_the_scale(tmp_path, monkeypatch):
+    """A phone photo shown at 1,280 px: decoded at half its size already (not in full and then
+    shrunk), its longer side bounded, and the scale that maps a box in the file's pixels onto it."""
+    from resnext.transforms import load_photo
+
+    rng = np.random.default_rng(0)
+    scene = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).resize((4032, 3024), Image.Resampling.BILINEAR)
+    big = tmp_path / "phone.jpg"
+    scene.save(big, quality=90)
+    sizes = []
+    real = Image.Image.resize
+
+    def spy(self, size, *args, **kwargs):
+        sizes.append(self.size)
+        return real(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    photo, scale = load_photo(big, 1280)
+    assert photo.size == (1280, 960) and scale == pytest.approx(1280 / 4032)
+    assert sizes == [(2016, 1512)]  # decoded at 1/2 scale: 1/4 would be under 1,280 px
+    monkeypatch.undo()
+    reference = np.asarray(load_image(big).resize((1280, 960), Image.Resampling.BILINEAR), dtype=float)
+    assert np.abs(np.asarray(photo, dtype=float) - reference).mean() < 2.0  # the same picture
+    png = tmp_path / "phone.png"
+    scene.resize((2000, 1000)).save(png)
+    assert load_photo(png, 1280)[0].size == (1280, 640) and load_photo(png, 1280)[1] == pytest.approx(0.64)
+    assert load_photo(Image.new("RGB", (300, 200)), 1280) == (load_photo(Image.new("RGB", (300, 200)), 1280)[0], 1.0)
+    rotated = tmp_path / "rotated.jpg"  # stored 4032 x 3024 with "rotate 90 CW": upright 3024 x 4032
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    scene.save(rotated, exif=exif, quality=90)
+    upright, scale = load_photo(rotated, 1280)
+    assert upright.size == (960, 1280) and scale == pytest.approx(1280 / 4032)
+    with pytest.raises(ValueError, match="positive integer"):
+        load_image(big, max_side=0)

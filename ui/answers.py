@@ -6,13 +6,15 @@ from __future__ import annotations
 import csv
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
 import gradio as gr
 from PIL import Image
 
-from resnext import Classifier, ImageLoadError, display_name, load_image
+from resnext import Classifier, ImageLoadError, display_name
+from resnext.transforms import load_photo
 
 from .fixes import Unreadable, plain_reason
 
@@ -63,13 +65,9 @@ def open_photo(image) -> tuple[Image.Image, float]:
     if isinstance(image, Unreadable):
         raise gr.Error(f"That file cannot be used: {image.reason}.")
     try:
-        photo = load_image(image)
+        return load_photo(image, MAX_PHOTO_SIDE)  # a phone's JPEG is decoded at half its size already
     except (ImageLoadError, FileNotFoundError) as err:
         raise gr.Error(f"That file cannot be used: {plain_reason(err)}.") from None
-    side = max(photo.size)
-    photo = photo.copy()
-    photo.thumbnail((MAX_PHOTO_SIDE, MAX_PHOTO_SIDE), Image.Resampling.BILINEAR)
-    return photo, max(photo.size) / side
 
 
 def classify(classifier: Classifier, image, top_k: int = 5, target: str | None = None, method: str = "gradcam",
@@ -91,7 +89,7 @@ def classify(classifier: Classifier, image, top_k: int = 5, target: str | None =
     if main.verdict == "not_a_bird":
         label = "No bird found"
     bird = main.verdict != "not_a_bird"  # with no bird, no species tiles to compare
-    gallery = [(_small(e.overlay_with(opacity)), f"{display_name(e.label)} · {e.prob:.0%}") for e in trio] \
+    gallery = [(overlay, f"{display_name(e.label)} · {e.prob:.0%}") for e, overlay in zip(trio, _tiles(trio, opacity))] \
         if top3 and bird else []
     lines = caption_lines(classifier, main)
     lines.append(f"<span class='small-print'>{elapsed:.0f} ms · {classifier.device.type.upper()} · "
@@ -153,10 +151,22 @@ def verdict_message(classifier: Classifier, answer) -> str:
             f"{best.prob:.0%}. This may not be one of the {len(classifier.classes)} species I know.</div>\n")
 
 
-def _small(rgb):
-    image = Image.fromarray(rgb)
-    image.thumbnail((TOP3_SIDE, TOP3_SIDE), Image.Resampling.LANCZOS)
-    return image
+def _tiles(explanations: list, opacity: float) -> list[Image.Image]:
+    """The top-3 overlays at tile size, drawn on one small copy of the photo (not drawn at 1,280 px
+    and shrunk three times: 4x less work for a phone photo)."""
+    if not explanations:
+        return []
+    photo = explanations[0].photo
+    small = photo.resize(_fit_size(photo.size, TOP3_SIDE), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    scale = small.width / photo.width
+    return [Image.fromarray(replace(e, photo=small, box=tuple(v * scale for v in e.box)).overlay_with(opacity))
+            for e in explanations]
+
+
+def _fit_size(size: tuple[int, int], side: int) -> tuple[int, int]:
+    """``size`` shrunk (never grown) to fit a ``side`` x ``side`` square."""
+    scale = min(1.0, side / max(size))
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
 def reblend(explanation, opacity: float):
@@ -175,7 +185,7 @@ def classify_many(classifier: Classifier, files, exports: Path) -> tuple[list[li
     for file in files:
         path = Path(file if isinstance(file, str) else file.name)
         try:
-            (top,) = classifier.predict(load_image(path), k=3)
+            (top,) = classifier.predict(load_photo(path, MAX_PHOTO_SIDE)[0], k=3)  # as one photo at a time sees it
         except (ImageLoadError, FileNotFoundError) as err:
             problems += 1
             rows.append([path.name, f"unreadable: {plain_reason(err)}"] + [""] * (len(BATCH_HEADERS) - 2))
