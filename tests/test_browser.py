@@ -358,7 +358,8 @@ def test_the_answer_endpoint_gives_the_verdict_with_the_same_top_k_as_classify(s
 
     client, image = Client(server, verbose=False), handle_file(str(photo(tmp_path, size=(600, 300))))
     record = client.predict(image, 3, api_name="/answer")
-    label, _ = client.predict(image, 3, api_name="/classify")
+    label, overlay = client.predict(image, 3, api_name="/classify")
+    assert Image.open(overlay).format == "JPEG" and Image.open(overlay).size == (600, 300)  # 3 ms to encode, not 97
     assert record["verdict"] in {"species", "unsure", "not_a_bird"} and set(record) >= {"bird", "box", "found_bird"}
     assert [p["label"].replace("_", " ") for p in record["predictions"]] == [c["label"] for c in label["confidences"]]
     assert record["box"] == [166.7, 16.7, 433.3, 283.3]  # the centre crop (64/72 of the short side) of the 600x300 upload
