@@ -204,9 +204,9 @@ def test_shrink_to_bounds_what_stays_in_memory(tmp_path):
     assert shapes == [(3, 150, 200), (3, 150, 2250), (3, 60, 90)]
 
 
-def test_jpeg_is_drafted_not_decoded_in_full(tmp_path, monkeypatch):
-    big = tmp_path / "big.jpg"
-    Image.new("RGB", (4000, 3000), (10, 120, 200)).save(big, quality=80)
+@pytest.fixture()
+def resized(monkeypatch) -> list:
+    """The sizes of the images ``Image.resize`` is called on, from now on."""
     sizes = []
     real = Image.Image.resize
 
@@ -215,11 +215,18 @@ def test_jpeg_is_drafted_not_decoded_in_full(tmp_path, monkeypatch):
         return real(self, size, *args, **kwargs)
 
     monkeypatch.setattr(Image.Image, "resize", spy)
+    return sizes
+
+
+def test_jpeg_is_drafted_not_decoded_in_full(tmp_path, resized):
+    big = tmp_path / "big.jpg"
+    Image.new("RGB", (4000, 3000), (10, 120, 200)).save(big, quality=80)
+    resized.clear()
     load_image(big, shrink_to=150)
-    assert sizes == [(500, 375)]  # decoded at 1/8 scale, then resized once
+    assert resized == [(500, 375)]  # decoded at 1/8 scale, then resized once
 
 
-def test_load_photo_bounds_the_longer_side_and_says_the_scale(tmp_path, monkeypatch):
+def test_load_photo_bounds_the_longer_side_and_says_the_scale(tmp_path, resized):
     """A phone photo shown at 1,280 px: decoded at half its size already (not in full and then
     shrunk), its longer side bounded, and the scale that maps a box in the file's pixels onto it."""
     from resnext.transforms import load_photo
@@ -228,18 +235,10 @@ def test_load_photo_bounds_the_longer_side_and_says_the_scale(tmp_path, monkeypa
     scene = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).resize((4032, 3024), Image.Resampling.BILINEAR)
     big = tmp_path / "phone.jpg"
     scene.save(big, quality=90)
-    sizes = []
-    real = Image.Image.resize
-
-    def spy(self, size, *args, **kwargs):
-        sizes.append(self.size)
-        return real(self, size, *args, **kwargs)
-
-    monkeypatch.setattr(Image.Image, "resize", spy)
+    resized.clear()
     photo, scale = load_photo(big, 1280)
     assert photo.size == (1280, 960) and scale == pytest.approx(1280 / 4032)
-    assert sizes == [(2016, 1512)]  # decoded at 1/2 scale: 1/4 would be under 1,280 px
-    monkeypatch.undo()
+    assert resized == [(2016, 1512)]  # decoded at 1/2 scale: 1/4 would be under 1,280 px
     reference = np.asarray(load_image(big).resize((1280, 960), Image.Resampling.BILINEAR), dtype=float)
     assert np.abs(np.asarray(photo, dtype=float) - reference).mean() < 2.0  # the same picture
     png = tmp_path / "phone.png"
