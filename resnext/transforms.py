@@ -28,6 +28,7 @@ __all__ = [
     "Preprocessing",
     "load_image",
     "load_photo",
+    "shrink_to_fit",
     "to_rgb",
     "check_box",
     "shift_box",
@@ -114,6 +115,12 @@ def _load(source, max_pixels: int, shrink_to: int | None, max_side: int | None) 
     except (OSError, ValueError, SyntaxError) as err:  # truncated or corrupt pixel data
         raise ImageLoadError(f"{_describe(source)}: the image data is damaged or cut short ({err})") from None
     return _shrink(image, _shrink_scale(image.size, shrink_to, max_side)), source_size
+
+
+def shrink_to_fit(image: Image.Image, max_side: int) -> Image.Image:
+    """``image`` with its longer side at most ``max_side`` (never enlarged), resampled as
+    :func:`load_image` shrinks photos."""
+    return _shrink(image, _shrink_scale(image.size, None, max_side))
 
 
 def _shrink_scale(size: tuple[int, int], shrink_to: int | None, max_side: int | None) -> float:

@@ -14,7 +14,7 @@ import gradio as gr
 from PIL import Image
 
 from resnext import Classifier, ImageLoadError, display_name
-from resnext.transforms import load_photo
+from resnext.transforms import load_photo, shrink_to_fit
 
 from .fixes import Unreadable, plain_reason
 
@@ -157,16 +157,10 @@ def _tiles(explanations: list, opacity: float) -> list[Image.Image]:
     if not explanations:
         return []
     photo = explanations[0].photo
-    small = photo.resize(_fit_size(photo.size, TOP3_SIDE), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    small = shrink_to_fit(photo, TOP3_SIDE)
     scale = small.width / photo.width
     return [Image.fromarray(replace(e, photo=small, box=tuple(v * scale for v in e.box)).overlay_with(opacity))
             for e in explanations]
-
-
-def _fit_size(size: tuple[int, int], side: int) -> tuple[int, int]:
-    """``size`` shrunk (never grown) to fit a ``side`` x ``side`` square."""
-    scale = min(1.0, side / max(size))
-    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
 def reblend(explanation, opacity: float):
