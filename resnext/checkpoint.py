@@ -17,6 +17,7 @@ Floating-point weights are stored as fp16 (half the file) and loaded back into f
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -106,14 +107,14 @@ def save_checkpoint(
     which stays fp32. ``provenance`` gets a ``date`` if it has none.
 
     Raises:
-        ValueError: ``classes`` does not match the model's output count, or is not unique.
+        ValueError: ``classes`` does not match the model's output count, is not unique, or has a
+            name the loader would refuse (empty, or over ``max_class_name`` characters).
+        OSError: the file cannot be written (a full disk: nothing is left behind).
     """
     path = Path(path)
-    classes = [str(c) for c in classes]
-    if len(classes) != model.num_classes:
-        raise ValueError(f"{len(classes)} class names for a model with {model.num_classes} outputs")
-    if len(set(classes)) != len(classes):
-        raise ValueError(f"class names are not unique: {classes}")
+    # The loader's own checks: a file this writes is one that loads (a 250-character class name
+    # was saved, listed, then refused when chosen).
+    classes = _check_classes([str(c) for c in classes], model.num_classes, LIMITS)
     provenance = dict(provenance or {})
     provenance.setdefault("date", datetime.now(timezone.utc).isoformat(timespec="seconds"))
     info = CheckpointInfo(model.config(), classes, preprocessing or Preprocessing(), provenance)
@@ -135,6 +136,9 @@ def save_checkpoint(
     try:
         save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half
+    except SafetensorError as err:  # a full disk, as safetensors words it
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(errno.ENOSPC if "No space" in str(err) else errno.EIO, f"{path.name}: cannot write the model ({err})") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -270,10 +274,11 @@ def _read_header(path: Path) -> dict:
             raise ValueError(f"{path}: not a safetensors file (only {size} bytes)")
         (length,) = struct.unpack("<Q", head)
         if length > MAX_HEADER_BYTES or length > size - 8:
-            raise ValueError(
-                f"{path}: not a safetensors file, or truncated (header claims {length:,} bytes, "
-                f"file has {size:,})"
-            )
+            # A stranger's first 8 bytes, read as a length, are often a 19-digit number: say what
+            # it means instead of printing it.
+            claim = f"{length:,} bytes" if length <= size else "more bytes than the file holds"
+            raise ValueError(f"{path}: not a safetensors file, or truncated (its header claims {claim}; "
+                             f"the file has {size:,})")
         try:
             header = _json(f.read(length))
         except (UnicodeDecodeError, ValueError) as err:

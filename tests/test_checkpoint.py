@@ -59,7 +59,7 @@ def test_save_is_atomic_and_leaves_no_temp_file(tmp_path):
     path = tmp_path / "m.safetensors"
     save_checkpoint(path, tiny_model(), CLASSES)
     before = path.read_bytes()
-    with pytest.raises(ValueError, match="2 class names for a model with 5 outputs"):
+    with pytest.raises(ValueError, match="2 class names for 5 outputs"):
         save_checkpoint(path, tiny_model(), CLASSES[:2])
     with pytest.raises(ValueError, match="not unique"):
         save_checkpoint(path, tiny_model(), ["a", "a", "b", "c", "d"])
@@ -126,8 +126,9 @@ def test_truncated_file(tiny_checkpoint, tmp_path, keep):
 def test_oversized_header_is_refused(tmp_path):
     path = tmp_path / "big.safetensors"
     path.write_bytes(struct.pack("<Q", 2**40) + b"{}")
-    with pytest.raises(ValueError, match="header claims 1,099,511,627,776 bytes"):
+    with pytest.raises(ValueError, match="header claims more bytes than the file holds; the file has 10") as err:
         load_checkpoint(path)
+    assert "1,099,511,627,776" not in str(err.value)  # a visitor reads words, not a 13-digit length
 
 
 def test_safetensors_without_our_metadata(tmp_path):
