@@ -17,20 +17,26 @@ import tempfile
 import zipfile
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from PIL import Image
 
-from .transforms import ImageLoadError, load_image
+from .checkpoint import LIMITS as CHECKPOINT_LIMITS
+from .transforms import ImageLoadError, load_image, probe_image
 
 __all__ = [
     "DataError",
     "Dataset",
     "DataReport",
     "IMAGE_EXTENSIONS",
+    "LoadingStopped",
+    "TrainingLimits",
     "ZipLimits",
     "load_dataset",
     "safe_extract",
+    "unpacked_size",
 ]
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -41,6 +47,21 @@ IGNORED = {"__MACOSX", ".DS_Store", "Thumbs.db", "desktop.ini"}
 
 class DataError(ValueError):
     """A data set that cannot be used; the message names the problem."""
+
+
+class LoadingStopped(DataError):
+    """``should_stop`` said stop while the data was being extracted or checked."""
+
+
+@dataclass(frozen=True)
+class TrainingLimits:
+    """What one training run's photos may cost, counted from the files' headers before any of them
+    is decoded: a zip of 20,000 PNGs of 64 megapixels each is 5 MB, and decoding it took hours."""
+
+    max_photos: int = 6_000  # 12 classes of 500, the most the app's class boxes take
+    # Pixels decoded over the run; a JPEG counts a sixteenth of its pixels, as training decodes it
+    # at a quarter of its sides or less (6,000 phone photos of 12 MP are 4.5 billion).
+    max_decoded_pixels: int = 6_000_000_000
 
 
 @dataclass(frozen=True)
@@ -98,7 +119,8 @@ class Dataset:
     root: Path
 
 
-def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike, limits: ZipLimits = ZipLimits()) -> list[tuple[str, str]]:
+def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike, limits: ZipLimits = ZipLimits(),
+                 should_stop: Callable[[], bool] | None = None, max_images: int | None = None) -> list[tuple[str, str]]:
     """Extract a zip into ``dest``, refusing anything that could land outside it or explode.
 
     Absolute paths, ``..`` components, drive letters and symlink entries are refused (the whole
@@ -106,11 +128,15 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike, limits: Zi
     per-entry compression ratio are checked first; the bytes actually written are counted too,
     in case the declared sizes lie. Folders named in :data:`IGNORED` are skipped.
 
+    ``max_images``: refuse a zip with more entries named as images (before writing any);
+    ``should_stop`` is asked before each entry.
+
     Returns:
         Entries skipped as harmless (e.g. ``__MACOSX``), as (name, reason).
 
     Raises:
         DataError: not a zip, a hostile entry, or a limit exceeded.
+        LoadingStopped: ``should_stop`` said stop.
     """
     archive, dest = Path(archive), Path(dest)
     try:
@@ -121,10 +147,15 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike, limits: Zi
     with zf:
         entries = zf.infolist()
         _check_archive(archive, entries, limits)
+        images = sum(PurePosixPath(e.filename).suffix.lower() in IMAGE_EXTENSIONS for e in entries)
+        if max_images is not None and images > max_images:
+            raise DataError(f"{archive.name}: {images:,} photos; one training run takes at most {max_images:,}")
         dest.mkdir(parents=True, exist_ok=True)
         root = dest.resolve()
         written = 0
         for entry in entries:
+            if should_stop is not None and should_stop():
+                raise LoadingStopped(f"{archive.name}: stopped while unpacking")
             parts = PurePosixPath(entry.filename.replace("\\", "/")).parts
             if any(p in IGNORED or p.startswith("._") for p in parts):
                 skipped.append((entry.filename, "system file"))
@@ -148,6 +179,19 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike, limits: Zi
             except OSError as err:  # a file and a folder of one name, a name too long for the disk...
                 raise DataError(f"{archive.name}: cannot extract entry {entry.filename!r} ({err.strerror or err})") from None
     return skipped
+
+
+def unpacked_size(archive: str | os.PathLike) -> int:
+    """The bytes a zip declares it unpacks to (its entries' sizes, read from its directory).
+
+    Raises:
+        DataError: not a readable zip.
+    """
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            return sum(entry.file_size for entry in zf.infolist())
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, UnicodeDecodeError) as err:
+        raise DataError(f"{Path(archive).name}: not a readable zip file ({err})") from None
 
 
 def _check_archive(archive: Path, entries: list[zipfile.ZipInfo], limits: ZipLimits) -> None:
@@ -202,21 +246,58 @@ def _class_root(folder: Path) -> Path:
         return folder
 
 
-def _check_image(path: Path) -> str | None:
-    """Why ``path`` cannot be a training image, or None if it can."""
+class _Budget:
+    """The run's photos and decoded pixels so far, against :class:`TrainingLimits`, and the stop
+    request: asked before each photo is looked at."""
+
+    def __init__(self, limits: TrainingLimits, should_stop: Callable[[], bool] | None):
+        self.limits, self.should_stop = limits, should_stop or (lambda: False)
+        self.photos = self.pixels = 0
+
+    def count(self, photos: int) -> None:
+        """Files about to be looked at (before any is opened)."""
+        self.photos += photos
+        if self.photos > self.limits.max_photos:
+            raise DataError(f"{self.photos:,} photos or more; one training run takes at most {self.limits.max_photos:,}")
+
+    def spend(self, pixels: int) -> None:
+        self.pixels += pixels
+        if self.pixels > self.limits.max_decoded_pixels:
+            raise DataError(f"the photos add up to over {self.limits.max_decoded_pixels / 1e6:,.0f} megapixels to decode "
+                            f"(JPEGs count a sixteenth), the most one training run decodes here; use fewer or smaller photos")
+
+    def check_stop(self) -> None:
+        if self.should_stop():
+            raise LoadingStopped("stopped while checking the photos")
+
+
+def _check_image(path: Path, budget: _Budget) -> str | None:
+    """Why ``path`` cannot be a training image, or None if it can. Its header is read first, and
+    its decoding cost counted against ``budget``, before a pixel is decoded: a PNG is then only
+    verified (its chunks' checksums), anything else decoded small (a JPEG at 1/8 scale)."""
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         return "not an image (extension)"
     try:
-        image = load_image(path, shrink_to=4 * MIN_SIDE)  # decoded in full (a JPEG at 1/8 scale), then let go
-    except (ImageLoadError, OSError) as err:
+        header = probe_image(path)
+        budget.spend(header.decode_cost(reduced=True))
+        if header.format == "PNG":
+            with Image.open(path) as image:
+                image.verify()
+            size = header.size
+        else:
+            size = load_image(path, shrink_to=4 * MIN_SIDE).size
+    except (ImageLoadError, OSError, SyntaxError, ValueError) as err:
+        if isinstance(err, DataError):
+            raise
         reason = str(err).split(": ", 1)[-1]
         return reason if "too large" in reason or "too long" in reason else f"unreadable ({reason})"
-    if min(image.size) < MIN_SIDE:
-        return f"too small ({image.size[0]}x{image.size[1]}, needs {MIN_SIDE} px per side)"
+    if min(header.size) < MIN_SIDE or min(size) < MIN_SIDE:
+        return f"too small ({header.size[0]}x{header.size[1]}, needs {MIN_SIDE} px per side)"
     return None
 
 
-def _scan_classes(folder: Path, skipped: list[tuple[str, str]], base: Path, limit: int | None = None) -> dict[str, list[Path]]:
+def _scan_classes(folder: Path, skipped: list[tuple[str, str]], base: Path, budget: _Budget,
+                  limit: int | None = None) -> dict[str, list[Path]]:
     """Class name -> usable images (recursively under each class folder); the first ``limit`` classes."""
     classes: dict[str, list[Path]] = {}
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
@@ -227,11 +308,13 @@ def _scan_classes(folder: Path, skipped: list[tuple[str, str]], base: Path, limi
         if not entry.is_dir():
             skipped.append((str(entry.relative_to(base)), "file outside any class folder"))
             continue
+        files = sorted(p for p in entry.rglob("*") if p.is_file()
+                       and not any(part in IGNORED or part.startswith(".") for part in p.relative_to(entry).parts))
+        budget.count(len(files))
         images = []
-        for path in sorted(p for p in entry.rglob("*") if p.is_file()):
-            if any(part in IGNORED or part.startswith(".") for part in path.relative_to(entry).parts):
-                continue
-            reason = _check_image(path)
+        for path in files:
+            budget.check_stop()
+            reason = _check_image(path, budget)
             if reason:
                 skipped.append((str(path.relative_to(base)), reason))
             else:
@@ -243,6 +326,10 @@ def _scan_classes(folder: Path, skipped: list[tuple[str, str]], base: Path, limi
 def _validate(classes: dict[str, list[Path]], where: str) -> None:
     if len(classes) < 2:
         raise DataError(f"{where}: found {len(classes)} class folder(s); at least 2 are needed")
+    longest = max(classes, key=len)
+    if len(longest) > CHECKPOINT_LIMITS.max_class_name:  # a model could be saved, then never loaded
+        raise DataError(f"{where}: the class name {longest[:40]!r}… has {len(longest)} characters; a class name has at "
+                        f"most {CHECKPOINT_LIMITS.max_class_name}")
     empty = [name for name, images in classes.items() if not images]
     if empty:
         raise DataError(f"{where}: class {empty[0]!r} has no usable image" + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""))
@@ -277,6 +364,9 @@ def load_dataset(
     seed: int = 0,
     workdir: str | os.PathLike | None = None,
     max_classes: int | None = None,
+    limits: TrainingLimits = TrainingLimits(),
+    should_stop: Callable[[], bool] | None = None,
+    zip_limits: ZipLimits = ZipLimits(),
 ) -> Dataset:
     """Find, check and split a data set.
 
@@ -288,10 +378,15 @@ def load_dataset(
         workdir: where a zip is extracted (default: a new temporary folder; the caller removes it,
             it is ``Dataset.root``'s top).
         max_classes: use only the first N class folders (in name order), e.g. to try a big set.
+        limits: photos and decoded pixels, counted from headers before anything is decoded.
+        should_stop: asked before each zip entry and each photo; True ends with :class:`LoadingStopped`.
+        zip_limits: what a zip may unpack to (:func:`safe_extract`).
 
     Raises:
         FileNotFoundError: ``source`` does not exist.
-        DataError: fewer than 2 classes, an empty class, case-clashing names, a bad zip.
+        DataError: fewer than 2 classes, an empty class, case-clashing or too long names, a bad
+            zip, too many photos or pixels.
+        LoadingStopped: ``should_stop`` said stop.
     """
     source = Path(source)
     if not source.exists():
@@ -307,9 +402,9 @@ def load_dataset(
         folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="resnext-data-"))
     try:
         if folder is not source:
-            skipped += safe_extract(source, folder)
+            skipped += safe_extract(source, folder, zip_limits, should_stop=should_stop, max_images=limits.max_photos)
         try:
-            return _split(source, folder, val_split, seed, skipped, max_classes)
+            return _split(source, folder, val_split, seed, skipped, max_classes, _Budget(limits, should_stop))
         except RecursionError:  # a folder tree thousands deep
             raise DataError(f"{source.name}: folders nested too deeply") from None
     except BaseException:
@@ -319,13 +414,13 @@ def load_dataset(
 
 
 def _split(source: Path, folder: Path, val_split: float, seed: int, skipped: list[tuple[str, str]],
-           max_classes: int | None) -> Dataset:
+           max_classes: int | None, budget: _Budget) -> Dataset:
     """Scan the class folders under ``folder`` and split them (by sub-folders, or at random)."""
     root = _class_root(folder)
     splits = {SPLIT_NAMES[d.name.lower()]: d for d in root.iterdir() if d.is_dir() and d.name.lower() in SPLIT_NAMES}
     if "train" in splits and "val" in splits:
-        train = _scan_classes(splits["train"], skipped, folder, max_classes)
-        val = _scan_classes(splits["val"], skipped, folder)
+        train = _scan_classes(splits["train"], skipped, folder, budget, max_classes)
+        val = _scan_classes(splits["val"], skipped, folder, budget)
         _validate(train, f"{source.name}/{splits['train'].name}")
         unknown = sorted(set(val) - set(train))
         for name in unknown:
@@ -333,7 +428,7 @@ def _split(source: Path, folder: Path, val_split: float, seed: int, skipped: lis
         val = {name: val.get(name, []) for name in train}
         split = "folders"
     else:
-        train, val = _random_split(_scan_classes(root, skipped, folder, max_classes), val_split, seed)
+        train, val = _random_split(_scan_classes(root, skipped, folder, budget, max_classes), val_split, seed)
         _validate({n: train[n] + val[n] for n in train}, source.name)
         split = "random"
     classes = list(train)

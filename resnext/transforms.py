@@ -11,7 +11,9 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Union
@@ -21,13 +23,17 @@ import torch
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 __all__ = [
+    "ANSWER_SIDE",
+    "ImageHeader",
     "ImageInput",
     "ImageLoadError",
     "MAX_ASPECT",
+    "MAX_JPEG_SCANS",
     "MAX_PIXELS",
     "Preprocessing",
     "load_image",
     "load_photo",
+    "probe_image",
     "shrink_to_fit",
     "to_rgb",
     "check_box",
@@ -44,6 +50,15 @@ MAX_PIXELS = 64_000_000
 # A panorama is rarely over 8:1. Anything longer is no photo of a bird, and a 1-bit PNG of
 # 640,000 x 100 pixels (8 kB on disk) is 192 MB once decoded and could never be shrunk enough.
 MAX_ASPECT = 20
+# The app answers a photo shrunk to this longer side (the network sees less; heatmaps are drawn at
+# it); a fine-tune's verdict rules are chosen on its photos at the same size.
+ANSWER_SIDE = 1280
+# A progressive JPEG is decoded once per scan: 3,000 scans of a 64 MP image cost 43 s in a 0.5 MB
+# file. Encoders write 1 (baseline), 3 (one per colour) or about 10 (progressive, mozjpeg included).
+MAX_JPEG_SCANS = 64
+# 16- and 32-bit images (I;16, I, F) are turned into 8 bits this many rows at a time, so the
+# conversion never holds more than a strip of the image in a wider type.
+DEEP_STRIP_ROWS = 256
 # The largest network input a checkpoint may ask for: 4.7x the usual 224 px per side. An input of
 # 6,000 px made a tiny model cost 1.8 GB and 8 s per answer.
 MAX_INPUT_SIZE = 1024
@@ -111,10 +126,15 @@ def _load(source, max_pixels: int, shrink_to: int | None, max_side: int | None) 
         raise ImageLoadError(f"cannot read an image from a {type(source).__name__}")
     _check_size(image, _describe(source), max_pixels)
     try:
-        image = to_rgb(ImageOps.exif_transpose(image))  # a rotated phone photo stands upright
+        image = ImageOps.exif_transpose(image)  # a rotated phone photo stands upright
+        if image.mode in DEEP_MODES:
+            image = deep_to_grey(image)
+        scale = _shrink_scale(image.size, shrink_to, max_side)
+        if image.mode == "L":  # shrunk before it takes 3 bytes a pixel
+            return to_rgb(_shrink(image, scale)), source_size
+        return _shrink(to_rgb(image), scale), source_size
     except (OSError, ValueError, SyntaxError) as err:  # truncated or corrupt pixel data
         raise ImageLoadError(f"{_describe(source)}: the image data is damaged or cut short ({err})") from None
-    return _shrink(image, _shrink_scale(image.size, shrink_to, max_side)), source_size
 
 
 def shrink_to_fit(image: Image.Image, max_side: int) -> Image.Image:
@@ -144,16 +164,32 @@ def _shrink(image: Image.Image, scale: float) -> Image.Image:
 
 def _open(fp, name: str, max_pixels: int, shrink_to: int | None, max_side: int | None) -> tuple[Image.Image, tuple[int, int]]:
     """The image in ``fp``, decoded (at a reduced scale where a JPEG allows it), and its declared size."""
-    try:
-        with warnings.catch_warnings():
-            # PIL warns, then raises, past its own bomb limit; ours below is the one that speaks.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(fp)
-        _check_size(image, name, max_pixels)  # from the header, before any pixel is decoded
+    with _reading(fp, name, max_pixels):
+        image = _checked_open(fp, name, max_pixels)
         declared, scale = image.size, _shrink_scale(image.size, shrink_to, max_side)
         if scale < 1 and image.format == "JPEG":  # draft keeps at least the requested size
             image.draft("RGB", (math.ceil(image.size[0] * scale), math.ceil(image.size[1] * scale)))
         image.load()
+    return image, declared
+
+
+def _checked_open(fp, name: str, max_pixels: int) -> Image.Image:
+    """``Image.open``, then every check of what the file declares, before any pixel is decoded."""
+    with warnings.catch_warnings():
+        # PIL warns, then raises, past its own bomb limit; ours (in _check_size) is the one that speaks.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(fp)
+    _check_size(image, name, max_pixels)
+    if image.format == "JPEG":
+        _check_scans(fp, name)
+    return image
+
+
+@contextmanager
+def _reading(fp, name: str, max_pixels: int):
+    """Whatever reading ``fp`` raises, as an :class:`ImageLoadError` naming ``name`` and why."""
+    try:
+        yield
     except ImageLoadError:
         raise
     except Image.DecompressionBombError:
@@ -162,7 +198,84 @@ def _open(fp, name: str, max_pixels: int, shrink_to: int | None, max_side: int |
         raise ImageLoadError(f"{name}: {what_it_is(fp)}") from None
     except (OSError, ValueError, SyntaxError) as err:
         raise ImageLoadError(f"{name}: the image data is damaged or cut short ({err})") from None
-    return image, declared
+
+
+# After a scan's header, its entropy-coded data runs to the next marker: 0xFF followed by anything
+# but 0x00 (a stuffed 0xFF byte) or a restart marker (0xD0-0xD7).
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What a file declares, read without decoding a pixel (see :func:`probe_image`)."""
+
+    size: tuple[int, int]  # as stored (before any EXIF rotation)
+    format: str
+    mode: str
+
+    def decode_cost(self, reduced: bool) -> int:
+        """Pixels decoding it costs: a JPEG that may be decoded at a reduced scale (``reduced``,
+        Pillow's ``draft``, as every training use does: at most a quarter of its sides) counts a
+        sixteenth of them."""
+        pixels = self.size[0] * self.size[1]
+        return pixels // 16 if reduced and self.format == "JPEG" else pixels
+
+
+def probe_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS) -> ImageHeader:
+    """Open ``path``, check what it declares (pixels, shape, a JPEG's scans) and decode nothing.
+
+    Raises:
+        FileNotFoundError, ImageLoadError: as :func:`load_image` would, before decoding.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    with _reading(path, str(path), max_pixels), _checked_open(path, str(path), max_pixels) as image:
+        return ImageHeader(image.size, image.format or "", image.mode)
+
+
+def jpeg_scans(data: bytes, stop_after: int | None = None) -> int:
+    """How many scans (SOS segments) a JPEG's bytes hold, read marker by marker without decoding
+    (0xFFDA bytes inside other segments, an EXIF thumbnail for one, are not counted). Counting
+    stops past ``stop_after``."""
+    i, n, scans = 2, len(data), 0
+    while i + 1 < n:
+        if data[i] != 0xFF:  # entropy-coded data: find where it ends
+            found = _NEXT_MARKER.search(data, i)
+            if found is None:
+                break
+            i = found.start()
+            continue
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xD9:  # end of image
+            break
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if i + 4 > n:
+            break
+        if marker == 0xDA:
+            scans += 1
+            if stop_after is not None and scans > stop_after:
+                break
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return scans
+
+
+def _check_scans(fp, name: str) -> None:
+    """Refuse a JPEG with more than :data:`MAX_JPEG_SCANS` scans before decoding it."""
+    if isinstance(fp, io.BytesIO):
+        data = fp.getvalue()
+    else:
+        with open(fp, "rb") as f:
+            data = f.read()
+    scans = jpeg_scans(data, stop_after=MAX_JPEG_SCANS)
+    if scans > MAX_JPEG_SCANS:
+        raise ImageLoadError(f"{name}: this JPEG is stored in more than {MAX_JPEG_SCANS} passes (scans), which would "
+                             f"take minutes to decode; a camera's photo has at most about 10")
 
 
 def what_it_is(fp) -> str:
@@ -218,6 +331,27 @@ def _from_array(array: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array))
 
 
+DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def deep_to_grey(image: Image.Image) -> Image.Image:
+    """A 16- or 32-bit grey image (I;16*, I, F) in 8 bits: 16-bit images and any image with values
+    over 255 are scaled from 0..65535, others kept as they are. Pillow's C code converts a strip
+    of :data:`DEEP_STRIP_ROWS` rows at a time: no copy of the whole image in a wider type (a
+    64 MP float image once cost 2 GB and 10-24 s here as a float64 array)."""
+    low, high = image.getextrema()
+    factor = 255.0 / (65535.0 if image.mode.startswith("I;16") or high > 255 else 255.0)
+    width, height = image.size
+    grey = Image.new("L", image.size)
+    for top in range(0, height, DEEP_STRIP_ROWS):
+        strip = image.crop((0, top, width, min(height, top + DEEP_STRIP_ROWS)))
+        if strip.mode != "F":
+            strip = strip.convert("I")  # I;16 has no point(); I holds every 16-bit value
+        strip = strip.point(lambda v: v * factor + 0.5)  # noqa: B023 - used at once
+        grey.paste(strip.convert("L"), (0, top))  # clipped to 0..255
+    return grey
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB.
 
@@ -228,11 +362,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        grey = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or grey.max() > 255 else 255.0
-        grey = np.clip(grey / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
+    if image.mode in DEEP_MODES:
+        return deep_to_grey(image).convert("RGB")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

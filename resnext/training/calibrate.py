@@ -8,13 +8,14 @@ again.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..inference import Classifier
-from ..transforms import load_image
+from ..transforms import ANSWER_SIDE, load_image
 from ..verdict import VerdictRules, choose_unsure, default_unsure
 
 __all__ = ["Passes", "run_passes", "choose_rules", "combined", "bird_shot_maps", "fit_bird_head", "refit_locator", "rules_for_fine_tune"]
@@ -151,7 +152,7 @@ def rules_for_fine_tune(model, classes: list[str], pre, val: list, start_provena
     rules = VerdictRules(0.5, bird_below, start.find_below if bird_below is not None else 0.0, start.crop_weight,
                          find_margin=start.find_margin)
     if val:
-        probs = combined(run_passes(classifier, [load_image(p) for p, _ in val]), rules)
+        probs = combined(run_passes(classifier, _Photos([p for p, _ in val])), rules)
         top1, pred = probs.max(1)
         labels = torch.tensor([y for _, y in val])
         unsure, how = choose_unsure(top1[pred == labels].tolist(), top1[pred != labels].tolist(), len(classes))
@@ -159,6 +160,22 @@ def rules_for_fine_tune(model, classes: list[str], pre, val: list, start_provena
         unsure, how = default_unsure(len(classes)), "default (no validation photos)"
     return VerdictRules(unsure, bird_below, rules.find_below, rules.crop_weight,
                         source=f"fine-tune; unsure: {how}; not a bird: {bird_how}", find_margin=rules.find_margin)
+
+
+class _Photos(Sequence):
+    """A fine-tune's photos, decoded a batch at a time as :func:`run_passes` asks for them, at the
+    size the app answers them at (all of them at once, at full size, could not fit in memory)."""
+
+    def __init__(self, paths: list):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [load_image(p, max_side=ANSWER_SIDE) for p in self.paths[index]]
+        return load_image(self.paths[index], max_side=ANSWER_SIDE)
 
 
 def _bird_check(classifier: Classifier, start_below: float | None, photos: list) -> tuple[float | None, str]:
@@ -171,7 +188,7 @@ def _bird_check(classifier: Classifier, start_below: float | None, photos: list)
     checked = photos[::step]
     scores = []
     for i in range(0, len(checked), 32):
-        images = [load_image(p) for p, _ in checked[i : i + 32]]
+        images = _Photos([p for p, _ in checked[i : i + 32]])[:]
         features = None  # a detector looks on its own; the ResNeXt's heads read its conv5 features
         if classifier.model.detector is None:
             features = classifier.features(torch.stack([classifier.preprocessing(x) for x in images]))

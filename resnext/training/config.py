@@ -46,6 +46,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # auto (bf16/fp16 where fast) | fp32
     workers: int | None = None  # data-loading processes; default 0 on CPU, 4 on CUDA
+    memory_mb: int | None = None  # full mode: the most its decoded photos may take (checked first); None: no cap
     arch: str = "resnext50_32x4d"  # for init=scratch: resnext50_32x4d | resnext101_32x8d | tiny
     # distill mode (resnext/training/distill.py): the teacher, extra photos, and the loss weights
     teacher: str | None = None  # MobileNetV2 feature weights (see resnext/training/teacher.py)
@@ -84,6 +85,8 @@ class TrainConfig:
             raise ValueError(f"augment must be 'trivialaugment' or 'flip', got {self.augment!r}")
         if self.precision not in ("auto", "fp32"):
             raise ValueError(f"precision must be 'auto' or 'fp32', got {self.precision!r}")
+        if self.memory_mb is not None and self.memory_mb < 1:
+            raise ValueError(f"memory_mb must be at least 1, got {self.memory_mb}")
         for name in ("batch_size", "views"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

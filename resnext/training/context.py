@@ -16,16 +16,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data import Dataset
+from ..data import DataError, Dataset
 from ..evaluate import TOO_FEW_TO_JUDGE
 from ..fast import _cpu_has_bf16
 from ..model import ResNeXt
-from ..transforms import Preprocessing, load_image
+from ..transforms import Preprocessing, load_image, probe_image
 from .config import Progress, TrainConfig
 
 __all__ = [
-    "Best", "CHOOSE_EPOCH_FROM", "Context", "TRAINED_WITH", "augmented_training_set", "autocast_dtype", "decode", "distributed",
-    "eval_tensors", "evaluate_tensors", "freeze", "lr_factor", "recalibrate_batchnorm", "summarise",
+    "Best", "CHOOSE_EPOCH_FROM", "Context", "TRAINED_WITH", "augmented_training_set", "autocast_dtype", "check_memory",
+    "decode", "distributed", "eval_tensors", "evaluate_tensors", "freeze", "kept_bytes", "lr_factor",
+    "recalibrate_batchnorm", "summarise",
 ]
 
 # What trains when only the top of the network does (the heads always train).
@@ -109,11 +110,55 @@ class Best:
 # ----------------------------------------------------------------------------- data
 
 
+KEPT_ASPECT = 2  # a photo kept in memory is at most this many times ``side`` on its longer side
+
+
 def decode(paths: list[Path], side: int) -> list[Tensor]:
-    """Decode every image once into memory, shorter side resized to ``side``: uint8 (3, H, W)."""
+    """Decode every image once into memory, uint8 (3, H, W): shorter side at most ``side``, longer
+    at most :data:`KEPT_ASPECT` x ``side`` (a 20:1 photo kept at ``side`` on its shorter side took
+    0.94 MB)."""
+    return [decode_one(path, side) for path in paths]
+
+
+def decode_one(path: Path, side: int) -> Tensor:
     # Shrunk as it is decoded (a JPEG at a reduced scale already): what stays in memory is bounded
-    # by ``side`` and the aspect limit, whatever size the file declares.
-    return [torch.from_numpy(np.asarray(load_image(path, shrink_to=side)).copy()).permute(2, 0, 1) for path in paths]
+    # on both sides, whatever size the file declares.
+    image = load_image(path, shrink_to=side, max_side=KEPT_ASPECT * side)
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+def kept_bytes(path: Path, side: int) -> int:
+    """What :func:`decode_one` keeps of ``path`` in memory, from its header alone (no decoding)."""
+    width, height = probe_image(path).size
+    scale = min(1.0, side / min(width, height), KEPT_ASPECT * side / max(width, height))
+    return 3 * max(1, round(width * scale)) * max(1, round(height * scale))
+
+
+def check_memory(ctx: "Context", side: int) -> None:
+    """Full mode keeps every training photo decoded and every validation photo as a tensor: refuse,
+    before decoding any, a run whose photos would take more than ``config.memory_mb``."""
+    if ctx.config.memory_mb is None:
+        return
+    val_bytes = 4 * 3 * ctx.eval_pre.input_size**2 * len(ctx.data.val)
+    need = sum(kept_bytes(p, side) for p, _ in ctx.data.train) + val_bytes
+    if need > ctx.config.memory_mb * 1024**2:
+        raise DataError(f"full mode keeps every photo in memory, and these {len(ctx.data.train) + len(ctx.data.val):,} "
+                        f"would take {need / 1024**2:,.0f} MB at {ctx.train_pre.input_size} px; this server allows "
+                        f"{ctx.config.memory_mb:,} MB. Use quick mode, fewer photos or a smaller image size.")
+
+
+def load_each(ctx: "Context", paths: list[Path], load: Callable[[Path], Tensor], what: str):
+    """``load`` of every path, asking ``ctx.stop`` before each and reporting progress (a generator;
+    returns the list, or None if stopped)."""
+    out, t0 = [], time.perf_counter()
+    for i, path in enumerate(paths):
+        if ctx.stop():
+            return None
+        out.append(load(path))
+        if i % 16 == 15:
+            yield ctx.progress("features", step=i + 1, steps=len(paths), eta_s=eta(t0, i + 1, len(paths)),
+                               message=f"decoding {what}")
+    return out
 
 
 class AugmentedImages(torch.utils.data.Dataset):
@@ -136,15 +181,25 @@ class AugmentedImages(torch.utils.data.Dataset):
         return self.transform(self.images[i]), self.labels[i]
 
 
-def augmented_training_set(data: Dataset, size: int, pre: Preprocessing, config: TrainConfig) -> AugmentedImages:
-    """``data``'s training images decoded once (shorter side 1.3x ``size``, room for the random
-    crops) with full mode's augmentation."""
-    images = decode([p for p, _ in data.train], side=max(size, round(size * 1.3)))
-    return AugmentedImages(images, [y for _, y in data.train], size, pre, config)
+def augmented_training_set(ctx: "Context", size: int):
+    """``ctx.data``'s training images decoded once (shorter side 1.3x ``size``, room for the random
+    crops) with full mode's augmentation, after :func:`check_memory`; None if stopped (a generator)."""
+    side = max(size, round(size * 1.3))
+    check_memory(ctx, side)
+    images = yield from load_each(ctx, [p for p, _ in ctx.data.train], lambda p: decode_one(p, side), "training photos")
+    if images is None:
+        return None
+    return AugmentedImages(images, [y for _, y in ctx.data.train], size, ctx.train_pre, ctx.config)
 
 
-def eval_tensors(paths: list[Path], pre: Preprocessing) -> Tensor:
-    return torch.stack([pre(load_image(p)) for p in paths]) if paths else torch.empty(0, 3, pre.input_size, pre.input_size)
+def eval_tensors(ctx: "Context"):
+    """The validation photos as the shipped model sees them, and their labels; None if stopped (a generator)."""
+    pre, val = ctx.eval_pre, ctx.data.val
+    x = yield from load_each(ctx, [p for p, _ in val], lambda p: pre(load_image(p)), "validation photos")
+    if x is None:
+        return None
+    x = torch.stack(x) if x else torch.empty(0, 3, pre.input_size, pre.input_size)
+    return x, torch.tensor([y for _, y in val], dtype=torch.long)
 
 
 # ----------------------------------------------------------------------------- helpers

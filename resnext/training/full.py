@@ -53,8 +53,10 @@ def run(ctx: Context):
 
     config, model = ctx.config, ctx.model
     yield ctx.progress("features", message="decoding images into memory")
-    train_set = augmented_training_set(ctx.data, ctx.train_pre.input_size, ctx.train_pre, config)
-    val = (eval_tensors([p for p, _ in ctx.data.val], ctx.eval_pre), torch.tensor([y for _, y in ctx.data.val], dtype=torch.long))
+    train_set = yield from augmented_training_set(ctx, ctx.train_pre.input_size)
+    val = None if train_set is None else (yield from eval_tensors(ctx))
+    if val is None:
+        return None
     freeze(model, config.train_layers)
     model = model.to(memory_format=torch.channels_last)
     backbone = [p for n, p in model.named_parameters() if not n.startswith("fc.") and p.requires_grad]
