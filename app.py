@@ -111,8 +111,11 @@ def main(argv: list[str] | None = None) -> None:
     ui.install()
     demo = ui.build_demo(registry, key)
     demo.queue(default_concurrency_limit=2)
+    from starlette.middleware import Middleware
+
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=ui.THEME, css=ui.CSS,
-                max_file_size="50mb", allowed_paths=[str(ASSETS)])
+                max_file_size="50mb", allowed_paths=[str(ASSETS)],
+                app_kwargs={"middleware": [Middleware(ui.UploadGuard, registry=registry)]})
 
 
 if __name__ == "__main__":

@@ -242,7 +242,8 @@ def test_upload_refuses_pickles_and_broken_files_and_keeps_the_model(registry, t
     noise.write_bytes(b"\xff" * 8 + b"x" * 192)  # its first 8 bytes declare a header of 18 quintillion bytes
     with pytest.raises(gr.Error) as err:
         upload_model(registry, OWNER, str(noise))
-    assert err.value.message == "That file is not a usable model: not a safetensors file, or truncated"
+    assert err.value.message == ("That file is not a usable model: not a safetensors file, or truncated (its header "
+                                 "claims more bytes than the file holds; the file has 200)")  # words, not 19 digits
 
 
 def test_an_uploaded_model_is_its_owners_only(registry, tiny_checkpoint, tmp_path):

@@ -102,7 +102,7 @@ def test_a_full_disk_during_fine_tuning_is_a_plain_error_and_keeps_the_models(re
 
     monkeypatch.setattr("resnext.checkpoint.save_file", full_disk)
     run = run_training(registry, train_request(tmp_path / "d", ["green square", "red disc"], epochs=5, new_name="doomed"))
-    with pytest.raises(gr.Error, match="No space left on device"):
+    with pytest.raises(gr.Error, match="The server's disk is full, so this could not be saved"):
         list(run)
     assert registry.names(OWNER) == list(before) and "doomed" not in registry.names(OWNER)
     assert {name: registry.path(name, OWNER).read_bytes() for name in registry.names(OWNER)} == before
@@ -117,7 +117,7 @@ def test_two_trainers_get_one_run_and_one_busy_message(registry, tmp_path):
     other = "e" * 32  # a second visitor
     first = run_training(registry, train_request(tmp_path / "d", classes, owner=other, mode="full", epochs=100,
                                                  new_name="first"))
-    assert "Starting" in next(first).status  # holds the slot now
+    assert "Checking your photos" in next(first).status  # holds the slot now: the check is part of the run
     second = run_training(registry, train_request(tmp_path / "d", classes, epochs=5, new_name="second"))
     assert "Busy: another training run is in progress" in next(second).status
     assert SLOT.waiting == 1

@@ -2,6 +2,7 @@
 training slot) is bounded, every failure is one plain line, and nothing is left half-saved."""
 
 import json
+import contextlib
 import os
 import signal
 import struct
@@ -86,30 +87,52 @@ def test_each_visitor_keeps_a_few_models_the_oldest_goes(tiny_checkpoint, tmp_pa
     assert registry.names("f" * 32) == [registry.default]  # another visitor sees none of it
 
 
-def test_the_work_folder_stays_under_its_cap_oldest_visitors_first(tiny_checkpoint, tmp_path):
+def test_a_write_over_the_cap_is_refused_and_no_visitors_model_goes_for_it(tiny_checkpoint, tmp_path):
+    """The cap holds when a file is written: old copies go first; visitors' saved models never go
+    to make room for anyone (an upload by a stranger once evicted another visitor's model)."""
+    from ui.state import StorageFull
+
     work = tmp_path / "work"
     size = tiny_checkpoint.stat().st_size
     registry = Models(tiny_checkpoint, "cpu", work, limits=Limits(disk_bytes=int(3.5 * size)))
-    operators = work / "models" / "shared.safetensors"
-    operators.parent.mkdir(parents=True)
-    operators.write_bytes(tiny_checkpoint.read_bytes())
     now = time.time()
     files = []
-    for i, owner in enumerate(["a" * 32, "b" * 32, "c" * 32, "d" * 32]):
+    for i, owner in enumerate(["a" * 32, "b" * 32, "c" * 32]):
         path = registry.folder(owner) / "m.safetensors"
         path.parent.mkdir(parents=True)
         path.write_bytes(tiny_checkpoint.read_bytes())
-        os.utime(path, (now - 1000 + i,) * 2)
+        os.utime(path, (now - 10_000 + i,) * 2)
         files.append(path)
-    assert registry.disk_use() > registry.limits.disk_bytes
-    registry.make_room(now=now)
-    assert registry.disk_use() <= registry.limits.disk_bytes
-    assert [p.exists() for p in files] == [False, False, True, True] and operators.exists()
-    fresh = registry.folder("e" * 32) / "new.safetensors"
-    fresh.parent.mkdir(parents=True)
-    fresh.write_bytes(tiny_checkpoint.read_bytes())
-    registry.make_room(now=now)  # over the cap again: the oldest goes, never a file younger than FRESH_S
-    assert [p.exists() for p in files] == [False, False, False, True] and fresh.exists()
+    cached = work / "gradio-cache" / "aa" / "old-upload.jpg"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"x" * (size // 2))
+    os.utime(cached, (now - 1000,) * 2)
+    with registry.reserving(size // 2):  # room only once the old copy is gone
+        assert not cached.exists()
+    with pytest.raises(StorageFull, match="storage is full: this needs .* are free"):
+        with registry.reserving(size):
+            pass
+    assert all(p.exists() for p in files)
+    registry.make_room(now=now + 10**6)  # and not when the folder is tidied either
+    assert all(p.exists() for p in files)
+
+
+def test_reservations_add_up(tiny_checkpoint, tmp_path):
+    """Twenty uploads at once each see the room the others already took."""
+    from ui.state import StorageFull
+
+    registry = Models(None, "cpu", tmp_path / "work", limits=Limits(disk_bytes=1000))
+    granted = []
+    with contextlib.ExitStack() as stack:
+        for _ in range(20):
+            try:
+                stack.enter_context(registry.reserving(300))
+                granted.append(1)
+            except StorageFull:
+                granted.append(0)
+    assert granted == [1, 1, 1] + [0] * 17
+    with registry.reserving(1000):  # all released
+        pass
 
 
 def test_tidy_removes_old_deliveries_and_cached_copies_while_running(registry):
@@ -310,13 +333,13 @@ def test_tidy_at_its_edges(registry):
 
 def test_tidy_keeps_the_cap_as_of_its_own_clock(tiny_checkpoint, tmp_path):
     registry = Models(tiny_checkpoint, "cpu", tmp_path / "work", limits=Limits(disk_bytes=10))
-    model = registry.folder(OWNER) / "m.safetensors"
-    model.parent.mkdir(parents=True)
-    model.write_bytes(tiny_checkpoint.read_bytes())  # over the cap, but fresh now
+    copy = registry.workdir / "exports" / "answers.csv"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(tiny_checkpoint.read_bytes())  # over the cap, but fresh now
     registry.tidy()
-    assert model.exists()
+    assert copy.exists()
     registry.tidy(now=time.time() + 600)  # ten minutes on: no longer fresh, and over the cap
-    assert not model.exists()
+    assert not copy.exists()
 
 
 def test_safe_names_keep_letters_of_any_alphabet_and_nothing_else():
@@ -362,3 +385,5 @@ def test_make_room_counts_every_folder_it_may_empty(tiny_checkpoint, tmp_path):
     assert [p.exists() for p in files] == [False, False, True, True]
     registry.make_room(now=now)  # exactly at the cap: nothing more goes
     assert registry.disk_use() == 2000
+    registry.make_room(0, now=now)  # room for everything: every copy goes, the visitor's model stays
+    assert [p.exists() for p in files] == [False, False, False, True]

@@ -6,5 +6,6 @@ fixes to Gradio (:mod:`.fixes`, applied by :func:`install`). No tensor code here
 from .fixes import install
 from .layout import CSS, THEME, build_demo
 from .state import Limits, Models, signing_key
+from .uploads import UploadGuard
 
-__all__ = ["CSS", "THEME", "Limits", "Models", "build_demo", "install", "signing_key"]
+__all__ = ["CSS", "THEME", "Limits", "Models", "UploadGuard", "build_demo", "install", "signing_key"]

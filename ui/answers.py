@@ -14,11 +14,12 @@ import gradio as gr
 from PIL import Image
 
 from resnext import Classifier, ImageLoadError, display_name
-from resnext.transforms import load_photo, shrink_to_fit
+from resnext.transforms import ANSWER_SIDE, load_photo, shrink_to_fit
 
+from .card import plain
 from .fixes import Unreadable, plain_reason
 
-MAX_PHOTO_SIDE = 1280  # photos are shrunk to this for display and heatmaps (the network sees less)
+MAX_PHOTO_SIDE = ANSWER_SIDE  # photos are shrunk to this for display and heatmaps (the network sees less)
 TOP3_SIDE = 480  # the top-3 tiles are small: no need to send 1280 px copies
 KEEP_FILES_S = 3600  # CSVs and images served to a visitor are deleted after an hour
 TOP1 = "Top-1 prediction"
@@ -57,6 +58,12 @@ class Shown(NamedTuple):
     explanation: object  # kept so the opacity slider can re-blend without a network pass
 
 
+def species(label: str) -> str:
+    """A class's name as it is shown in Markdown: a model's class names are whatever its maker
+    chose (``<img src=x>``, ``**bold**``), so they are escaped, never rendered."""
+    return plain(display_name(label))
+
+
 def open_photo(image) -> tuple[Image.Image, float]:
     """Whatever the photo input hands over -> (an upright RGB photo of at most MAX_PHOTO_SIDE
     pixels, the scale from the uploaded photo's pixels to it)."""
@@ -89,7 +96,7 @@ def classify(classifier: Classifier, image, top_k: int = 5, target: str | None =
     if main.verdict == "not_a_bird":
         label = "No bird found"
     bird = main.verdict != "not_a_bird"  # with no bird, no species tiles to compare
-    gallery = [(overlay, f"{display_name(e.label)} · {e.prob:.0%}") for e, overlay in zip(trio, _tiles(trio, opacity))] \
+    gallery = [(overlay, f"{species(e.label)} · {e.prob:.0%}") for e, overlay in zip(trio, _tiles(trio, opacity))] \
         if top3 and bird else []
     lines = caption_lines(classifier, main)
     lines.append(f"<span class='small-print'>{elapsed:.0f} ms · {classifier.device.type.upper()} · "
@@ -135,7 +142,7 @@ def caption_lines(classifier: Classifier, main) -> list[str]:
         lines.append(f"What the network's conv5 features respond to most strongly ({method}: the same map "
                      "whichever class you pick).")
     else:
-        lines.append(f"Where the model looked to decide **{display_name(main.label)}** ({main.prob:.0%}), "
+        lines.append(f"Where the model looked to decide **{species(main.label)}** ({main.prob:.0%}), "
                      f"{method} on conv5.")
     return lines
 
@@ -145,9 +152,9 @@ def verdict_message(classifier: Classifier, answer) -> str:
     best = answer[0]
     if answer.verdict == "not_a_bird":
         return ("<div class='unsure'><b>This does not look like a bird photo.</b> If there is a bird, try a "
-                f"photo that shows all of it, not too small (my closest guess, {display_name(best.label)} at {best.prob:.0%}, "
+                f"photo that shows all of it, not too small (my closest guess, {species(best.label)} at {best.prob:.0%}, "
                 "would not mean much).</div>\n")
-    return (f"<div class='unsure'>⚠️ <b>Not sure</b> — my best guess is {display_name(best.label)} at only "
+    return (f"<div class='unsure'>⚠️ <b>Not sure</b> — my best guess is {species(best.label)} at only "
             f"{best.prob:.0%}. This may not be one of the {len(classifier.classes)} species I know.</div>\n")
 
 

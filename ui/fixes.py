@@ -3,6 +3,7 @@ the photo input that reads uploads gently."""
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from dataclasses import dataclass
@@ -42,9 +43,15 @@ def save_pil_to_cache(img: Image.Image, cache_dir: str, name: str = "image", for
         os.utime(target)  # delete_cache ages files by time: a reused file starts a new hour
         return str(target)
     fd, staging = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(staging, target)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(staging, target)
+    except OSError as err:  # a full disk: no half-written file stays, and the visitor reads why
+        Path(staging).unlink(missing_ok=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise gr.Error("The server's disk is full, so the answer's pictures cannot be sent. Try again later.") from None
+        raise
     return str(target)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from resnext import load_classifier
 from .card import model_card
 from .context import Ctx
 from .state import Models, new_owner, removed_message, safe_name, valid_owner
+from .training import storage
 
 PRIVATE = {"api_visibility": "private"}
 
@@ -36,11 +36,14 @@ def _keep(registry: Models, owner: str, path: Path) -> tuple[str, list[str]]:
     target = registry.new_file(owner, safe_name(path.stem))
     staging = target.with_name(f".{target.name}.tmp")
     try:
-        shutil.copyfile(path, staging)
+        with storage(), registry.reserving(path.stat().st_size, "this model"):
+            shutil.copyfile(path, staging)
         load_classifier(staging, device="cpu", fast=False)  # full check: metadata, shapes, values
         staging.replace(target)
+    except gr.Error:
+        raise
     except (ValueError, FileNotFoundError, OSError) as err:
-        reason = re.sub(r" \(header claims [^)]*\)", "", str(err).split(": ", 1)[-1])  # not a 19-digit length
+        reason = str(err).split(": ", 1)[-1]
         raise gr.Error(f"That file is not a usable model: {reason}") from None
     except Exception as err:  # noqa: BLE001 - a stranger's file: nothing it does may escape as a bare "Error"
         raise gr.Error(f"That file is not a usable model ({type(err).__name__}).") from None

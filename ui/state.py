@@ -22,9 +22,11 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,13 @@ OWNER = re.compile(r"[0-9a-f]{32}")
 KEEP_VISITOR_S = 7 * 24 * 3600  # a visitor's models are removed a week after they last trained or uploaded
 KEEP_CACHE_S = 3600  # Gradio's copies of uploads and answers, and API deliveries: an hour
 FRESH_S = 120  # a file this young may still be on its way to a visitor: never removed to make room
+TRANSIENT = ("api", "gradio-cache", "exports")  # what may go to make room: copies and deliveries, never a saved model
+DISK_MARGIN = 64 * 1024**2  # left free on the disk itself, whatever the cap says
+UNKNOWN_UPLOAD = 50 * 1024**2  # an upload that does not declare its length counts as the largest one allowed
+
+
+class StorageFull(RuntimeError):
+    """No room for a write under the work folder's cap (or on the disk): the message says so plainly."""
 
 
 @dataclass(frozen=True)
@@ -44,9 +53,10 @@ class Limits:
     ``app.py`` flags or ``RESNEXT_*`` environment variables (see :meth:`from_env`)."""
 
     models_per_visitor: int = 5  # the oldest goes when a sixth is added
-    disk_bytes: int = 4 * 1024**3  # the work folder as a whole; the oldest visitors' models go first
+    disk_bytes: int = 4 * 1024**3  # the work folder as a whole; held at every write (old copies go first)
     max_epochs: int = 100  # per training run, quick or full
     train_s: float = 900.0  # wall time of one training run
+    train_memory_mb: int = 512  # full mode: what one run's decoded photos may take
 
     @classmethod
     def from_env(cls, env=os.environ) -> "Limits":
@@ -114,6 +124,8 @@ class Models:
         self._cache: OrderedDict[Path, Classifier] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        self._room = threading.Lock()  # one reservation at a time: two writes cannot both take the last room
+        self._reserved = 0  # bytes promised to writes under way (uploads, unzipping, a run's model)
         if default is not None:
             self.shared[Path(default).stem] = Path(default)
         for path in sorted((self.workdir / "models").glob("*.safetensors")):
@@ -174,13 +186,12 @@ class Models:
         return folder / f"fine-tuned-{secrets.token_hex(6)}.safetensors"
 
     def kept(self, owner: str, path: Path) -> list[str]:
-        """After ``path`` was saved as ``owner``'s model: keep the visitor within their quota and
-        the work folder within its cap. Returns the names of ``owner``'s models that were removed."""
+        """After ``path`` was saved as ``owner``'s model: keep the visitor within their quota.
+        Returns the names of ``owner``'s models that were removed (nobody else's ever are)."""
         mine = [p for p in self.own(owner).values() if p != path]  # oldest first
         removed = mine[: max(0, len(mine) + 1 - self.limits.models_per_visitor)]
         for old in removed:
             self.forget(old)
-        self.make_room(keep=path)
         return [p.stem for p in removed]
 
     def forget(self, path: Path) -> None:
@@ -191,20 +202,59 @@ class Models:
             shutil.rmtree(refs_folder(path), ignore_errors=True)  # its reference photos go with it
 
     def disk_use(self) -> int:
-        return sum(_stat(p)[0] for p in self.workdir.rglob("*") if p.is_file())
+        """Bytes under the work folder, a file with several names (hard links) counted once."""
+        seen, total = set(), 0
+        for path in self.workdir.rglob("*"):
+            try:
+                st = path.stat(follow_symlinks=False)
+            except OSError:  # removed meanwhile
+                continue
+            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+        return total
 
-    def make_room(self, keep: Path | None = None, now: float | None = None) -> None:
-        """Bring the work folder under :attr:`Limits.disk_bytes`: the oldest visitors' models,
-        API deliveries and cached copies go first. The operator's ``models/`` and files younger
-        than :data:`FRESH_S` (a run's, a delivery on its way) are never touched."""
+    @contextmanager
+    def reserving(self, nbytes: int, what: str = "this"):
+        """Room for ``nbytes`` about to be written under the work folder, held until the block
+        ends (by then the bytes are on disk, where :meth:`disk_use` counts them). Old copies go to
+        make room (:meth:`make_room`); a visitor's saved model never does.
+
+        Raises:
+            StorageFull: no room under the cap, or on the disk, even then.
+        """
+        nbytes = max(0, int(nbytes))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with self._room:
+            disk_free = shutil.disk_usage(self.workdir).free - DISK_MARGIN
+            if nbytes > disk_free:
+                raise StorageFull(f"The server's disk is full: {what} needs {_size(nbytes)} and {_size(max(0, disk_free))} "
+                                  "is free. Try again later.")
+            self.make_room(self.limits.disk_bytes - self._reserved - nbytes)
+            room = self.limits.disk_bytes - self._reserved - self.disk_use()
+            if nbytes > room:
+                raise StorageFull(f"The server's storage is full: {what} needs {_size(nbytes)} and {_size(max(0, room))} "
+                                  f"of its {_size(self.limits.disk_bytes)} are free. Try again later, or with fewer or smaller files.")
+            self._reserved += nbytes
+        try:
+            yield
+        finally:
+            with self._room:
+                self._reserved -= nbytes
+
+    def make_room(self, target: int | None = None, now: float | None = None) -> None:
+        """Bring the work folder under ``target`` bytes (default :attr:`Limits.disk_bytes`) by removing
+        API deliveries, exports and Gradio's cached copies, oldest first. Visitors' saved models and
+        the operator's ``models/`` are never removed for room (a visitor's go a week after they last
+        used them: :meth:`tidy`), nor is anything younger than :data:`FRESH_S` (on its way to someone)."""
+        target = self.limits.disk_bytes if target is None else target
         total = self.disk_use()
-        if total <= self.limits.disk_bytes:
+        if total <= target:
             return
         young = (now or time.time()) - FRESH_S
-        candidates = [(_stat(p), p) for folder in ("visitors", "api", "gradio-cache", "exports")
-                      for p in (self.workdir / folder).rglob("*") if p.is_file() and p != keep]
+        candidates = [(_stat(p), p) for folder in TRANSIENT for p in (self.workdir / folder).rglob("*") if p.is_file()]
         for (size, mtime), path in sorted(candidates, key=lambda c: c[0][1]):  # oldest first
-            if total <= self.limits.disk_bytes or mtime >= young:
+            if total <= target or mtime >= young:
                 break
             total -= size
             self.forget(path)
@@ -241,6 +291,10 @@ class Models:
         thread = threading.Thread(target=loop, name="tidy-workdir", daemon=True)
         thread.start()
         return thread
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1024**3:.1f} GB" if nbytes >= 1024**3 else f"{nbytes / 1024**2:.0f} MB"
 
 
 def _stat(path: Path) -> tuple[int, float]:

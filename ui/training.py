@@ -3,11 +3,14 @@ slot, and report honestly. Plain functions and a generator of :class:`TrainView`
 
 from __future__ import annotations
 
+import errno
 import html
+import os
 import shutil
 import textwrap
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,12 +20,14 @@ from resnext import display_name
 from resnext.evaluate import TOO_FEW_TO_JUDGE
 
 from .card import plain
-from .state import SLOT, Models, removed_message, safe_name
+from .state import SLOT, Models, StorageFull, removed_message, safe_name
 from .references import save_references
 from .try_it import validation_photos
+from .webcam import MAX_PHOTOS_PER_CLASS
 
 MAX_CLASSES_UI = 12
 SMALL_VALIDATION = TOO_FEW_TO_JUDGE  # fewer validation photos (or under 5 in a class): say the number is rough
+DISK_FULL = "The server's disk is full, so this could not be saved. Try again later."
 STAGES = {"features": "Computing features", "train": "Training", "epoch": "Training"}
 
 
@@ -74,24 +79,59 @@ def new_job(registry: Models) -> Path:
 
 
 def gather_classes(registry: Models, names: list[str], files: list) -> Path:
-    """The class-name boxes and their photos -> a class-folder tree in a fresh job folder."""
-    job = new_job(registry)
-    used = 0
-    for name, group in zip(names, files):
-        name = (name or "").strip()
-        if not group:
-            continue
-        if not name:
-            raise gr.Error("Every class with photos needs a name.")
-        folder = job / "data" / safe_name(name)
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, file in enumerate(group):
-            src = Path(file if isinstance(file, str) else file.name)
-            shutil.copyfile(src, folder / f"{i:04d}{src.suffix.lower()}")
-        used += 1
-    if used == 0:
+    """The class-name boxes and their photos -> a class-folder tree in a fresh job folder. The
+    counts are checked before anything is written, and each photo is linked, not copied (the same
+    30 MB upload named 30 times costs its 30 MB once); a refusal leaves nothing behind."""
+    from resnext.data import TrainingLimits
+
+    groups = [((name or "").strip(), group) for name, group in zip(names, files) if group]
+    if any(not name for name, _ in groups):
+        raise gr.Error("Every class with photos needs a name.")
+    if not groups:
         raise gr.Error("Add photos to at least two classes, or upload a zip.")
+    fullest = max(groups, key=lambda g: len(g[1]))
+    if len(fullest[1]) > MAX_PHOTOS_PER_CLASS:
+        raise gr.Error(f"Class {fullest[0][:40]!r} has {len(fullest[1]):,} photos; one class takes at most "
+                       f"{MAX_PHOTOS_PER_CLASS}.")
+    total, most = sum(len(g) for _, g in groups), TrainingLimits().max_photos
+    if total > most:
+        raise gr.Error(f"{total:,} photos; one training run takes at most {most:,}.")
+    job = new_job(registry)
+    try:
+        for name, group in groups:
+            folder = job / "data" / safe_name(name)
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, file in enumerate(group):
+                src = Path(file if isinstance(file, str) else file.name)
+                _link(registry, src, folder / f"{i:04d}{src.suffix.lower()[:8]}")
+    except BaseException:
+        shutil.rmtree(job, ignore_errors=True)
+        raise
     return job / "data"
+
+
+def _link(registry: Models, src: Path, dest: Path) -> None:
+    """``src`` at ``dest`` too: a hard link (no new bytes), else a copy within the disk cap."""
+    try:
+        os.link(src, dest)
+    except FileNotFoundError:
+        raise gr.Error(f"A photo did not arrive ({src.name[:60]}); add it again.") from None
+    except OSError:  # another file system, or one without links
+        with storage(), registry.reserving(src.stat().st_size, "a photo"):
+            shutil.copyfile(src, dest)
+
+
+@contextmanager
+def storage():
+    """:class:`StorageFull` and a full disk (OSError ENOSPC) as the one-line warning a visitor reads."""
+    try:
+        yield
+    except StorageFull as err:
+        raise gr.Error(str(err)) from None
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise gr.Error(DISK_FULL) from None
 
 
 def source(registry: Models, zip_file, names, files) -> tuple[Path, Path]:
@@ -104,20 +144,34 @@ def source(registry: Models, zip_file, names, files) -> tuple[Path, Path]:
     return data, data.parent
 
 
-def load_data(src: Path, job: Path):
-    from resnext.data import DataError, load_dataset
+def load_data(registry: Models, src: Path, job: Path, should_stop=None):
+    """The data set (a zip unpacked within the disk cap), or None if ``should_stop`` said stop
+    while it was being unpacked or checked."""
+    from resnext.data import DataError, LoadingStopped, ZipLimits, load_dataset, unpacked_size
 
     try:
-        return load_dataset(src, workdir=job / "unzipped" if src.suffix == ".zip" else None)
+        if src.suffix.lower() != ".zip":
+            return load_dataset(src, should_stop=should_stop)
+        declared = unpacked_size(src)
+        with storage(), registry.reserving(min(declared, ZipLimits.max_bytes), "unpacking this zip"):
+            limits = ZipLimits(max_bytes=min(declared, ZipLimits.max_bytes))  # a zip that lies about its size stops there
+            return load_dataset(src, workdir=job / "unzipped", should_stop=should_stop, zip_limits=limits)
+    except LoadingStopped:
+        return None
     except (DataError, OSError) as err:
         raise gr.Error(str(err)) from None
 
 
 def check_data(registry: Models, zip_file, names, files) -> str:
-    """The data report, before any training."""
+    """The data report, before any training (within the server's time limit for a run)."""
     src, job = source(registry, zip_file, names, files)
+    deadline = time.monotonic() + registry.limits.train_s
     try:
-        return report_markdown(load_data(src, job).report)
+        data = load_data(registry, src, job, lambda: time.monotonic() > deadline)
+        if data is None:
+            raise gr.Error(f"Checking these photos took longer than this server allows ({_allowed(registry)}); "
+                           "try fewer photos.")
+        return report_markdown(data.report)
     finally:
         shutil.rmtree(job, ignore_errors=True)
 
@@ -172,8 +226,9 @@ def confusion_figure(confusion: list[list[int]], classes: list[str]):
     side = min(3 + 0.45 * n, 12)
     fig, ax = plt.subplots(figsize=(side + 1.5, side + 1.5))
     ax.imshow(confusion, cmap="Blues")
-    ax.set_xticks(range(n), names, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(n), names, fontsize=8)
+    # parse_math=False: a class named "$^^$" is a name, not matplotlib's math text (which raised)
+    ax.set_xticks(range(n), names, rotation=60, ha="right", fontsize=8, parse_math=False)
+    ax.set_yticks(range(n), names, fontsize=8, parse_math=False)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("Confusion matrix (validation photos)", fontsize=10)
@@ -200,8 +255,17 @@ def run_training(registry: Models, request: TrainRequest):
     try:
         yield from _wait_for_slot()
         try:
+            # The run's clock and its Stop start with the slot: unpacking and checking the photos count.
             deadline = time.monotonic() + limits.train_s
-            yield from _train(registry, request, load_data(src, job), stop, deadline)
+            should_stop = lambda: stop.is_set() or time.monotonic() > deadline  # noqa: E731
+            yield TrainView(status_html("Checking your photos…"))
+            model_bytes = registry.path(request.current_model, request.owner).stat().st_size
+            with storage(), registry.reserving(model_bytes, "the new model"):
+                data = load_data(registry, src, job, should_stop)
+                if data is None:
+                    yield TrainView(status_html(_stopped(registry, deadline)), done=True)
+                    return
+                yield from _train(registry, request, data, should_stop, deadline)
         finally:
             SLOT.lock.release()
     finally:
@@ -223,21 +287,22 @@ def _wait_for_slot():
             SLOT.waiting -= 1
 
 
-def _train(registry: Models, request: TrainRequest, data, stop, deadline: float):
+def _train(registry: Models, request: TrainRequest, data, should_stop, deadline: float):
     import pandas as pd
 
     from resnext.training import TrainConfig, TrainResult, iter_train
 
     init = {"current model": str(registry.path(request.current_model, request.owner)),
             "ImageNet": "imagenet", "scratch": "scratch"}[request.start]
-    config = TrainConfig(mode=request.mode, init=init, epochs=request.epochs or None, image_size=request.image_size or None)
+    config = TrainConfig(mode=request.mode, init=init, epochs=request.epochs or None, image_size=request.image_size or None,
+                         memory_mb=registry.limits.train_memory_mb)
     name = request.new_name or f"fine-tuned {time.strftime('%H%M%S')}"
     out = registry.api_file() if request.api else registry.new_file(request.owner, name)
     report = report_markdown(data.report)
     yield TrainView(status_html(f"Starting ({request.mode} mode)…", 0.0), report=report)
     records, last, result = [], 0.0, None
     try:
-        for event in iter_train(data, config, out=out, should_stop=lambda: stop.is_set() or time.monotonic() > deadline):
+        for event in iter_train(data, config, out=out, should_stop=should_stop):
             if isinstance(event, TrainResult):
                 result = event
                 break
@@ -250,24 +315,27 @@ def _train(registry: Models, request: TrainRequest, data, stop, deadline: float)
                 last = time.perf_counter()
                 yield TrainView(_progress_line(event, request.mode),
                                 history=pd.DataFrame(records) if records and event.stage == "epoch" else None)
-    except (RuntimeError, ValueError, OSError) as err:  # OSError: a full disk or read-only folder
+    except OSError as err:  # a full disk in plain words; a read-only folder as it is
+        raise gr.Error(DISK_FULL if err.errno in (errno.ENOSPC, errno.EDQUOT) else str(err)) from None
+    except (RuntimeError, ValueError) as err:
         raise gr.Error(str(err)) from None
     except MemoryError:
         raise gr.Error("The server ran out of memory for this run; try fewer or smaller photos, or quick mode.") from None
     if not request.api:
         save_references(out, data.train)  # one of its own photos per class, to compare answers with
-    removed = [] if request.api else registry.kept(request.owner, out)  # quota and disk cap
-    if request.api:
-        registry.make_room(keep=out)
+    removed = [] if request.api else registry.kept(request.owner, out)  # the visitor's quota
     yield _finished(result, data, records, out, None if request.api else name, removed and removed_message(registry, removed))
+
+
+def _allowed(registry: Models) -> str:
+    seconds = registry.limits.train_s
+    return f"{seconds / 60:g} minutes" if seconds >= 60 else f"{seconds:g} s"
 
 
 def _stopped(registry: Models, deadline: float) -> str:
     if time.monotonic() > deadline:
-        seconds = registry.limits.train_s
-        allowed = f"{seconds / 60:g} minutes" if seconds >= 60 else f"{seconds:g} s"
-        return (f"Stopped: this server allows {allowed} per training run. No model was saved; try quick mode, fewer "
-                "epochs or fewer photos.")
+        return (f"Stopped: this server allows {_allowed(registry)} per training run. No model was saved; try quick mode, "
+                "fewer epochs or fewer photos.")
     return "Stopped. No model was saved."
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from resnext import display_name
 
-from .answers import open_photo, verdict_message
+from .answers import open_photo, species, verdict_message
 from .context import Ctx
 from .fixes import photo_input
 from .references import thumbnails
@@ -65,7 +65,7 @@ def answer(ctx: Ctx, owner, model, image) -> tuple[dict | str, str]:
     (top,) = classifier.predict(photo, k=min(5, len(classifier.classes)))
     bars = {display_name(p.label): p.prob for p in top}
     if top.verdict == "species":
-        return bars, f"**{display_name(top[0].label)}** ({top[0].prob:.0%}): sure enough to say so."
+        return bars, f"**{species(top[0].label)}** ({top[0].prob:.0%}): sure enough to say so."
     return ("No bird found" if top.verdict == "not_a_bird" else bars), verdict_message(classifier, top)
 
 
