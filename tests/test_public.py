@@ -4,6 +4,7 @@ training slot) is bounded, every failure is one plain line, and nothing is left 
 import json
 import contextlib
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -387,3 +388,21 @@ def test_make_room_counts_every_folder_it_may_empty(tiny_checkpoint, tmp_path):
     assert registry.disk_use() == 2000
     registry.make_room(0, now=now)  # room for everything: every copy goes, the visitor's model stays
     assert [p.exists() for p in files] == [False, False, False, True]
+
+
+def test_cached_copies_of_the_examples_are_never_tidied_away(registry):
+    """Gradio serves the example photos from its cache, copied with the assets' dates: on a Space
+    whose files are old the tidy removed them at once, and every example became a broken image."""
+    from ui.state import ASSETS
+
+    asset = sorted(ASSETS.glob("*.jpg"))[0]
+    copy = registry.workdir / "gradio-cache" / ("a" * 64) / asset.name
+    other = registry.workdir / "gradio-cache" / ("b" * 64) / "upload.jpg"
+    for path in (copy, other):
+        path.parent.mkdir(parents=True)
+        shutil.copyfile(asset, path)
+        os.utime(path, (time.time() - 10 * 365 * 86400,) * 2)  # dated years back
+    registry.tidy()
+    assert copy.exists() and not other.exists()
+    registry.make_room(0)  # nor to make room
+    assert copy.exists()

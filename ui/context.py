@@ -12,10 +12,8 @@ from resnext import display_name
 
 from .answers import TOP1
 from .card import model_card
-from .state import Models, new_owner, signature, signed_owner, valid_owner
+from .state import ASSETS, Models, new_owner, signature, signed_owner, valid_owner
 
-ROOT = Path(__file__).resolve().parents[1]
-ASSETS = ROOT / "assets"
 
 
 def species_list(classes: list[str]) -> str:

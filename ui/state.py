@@ -43,6 +43,9 @@ DISK_MARGIN = 64 * 1024**2  # left free on the disk itself, whatever the cap say
 UNKNOWN_UPLOAD = 50 * 1024**2  # an upload that does not declare its length counts as the largest one allowed
 
 
+ASSETS = Path(__file__).resolve().parents[1] / "assets"  # the example photos
+
+
 class StorageFull(RuntimeError):
     """No room for a write under the work folder's cap (or on the disk): the message says so plainly."""
 
@@ -126,6 +129,9 @@ class Models:
         self._lock = threading.Lock()
         self._room = threading.Lock()  # one reservation at a time: two writes cannot both take the last room
         self._reserved = 0  # bytes promised to writes under way (uploads, unzipping, a run's model)
+        # Gradio serves the example photos from its cache, copied once at start-up with the assets'
+        # dates: a tidy that took them for old uploads broke every example (403) after an hour.
+        self._examples = {(p.name, p.stat().st_size) for p in ASSETS.glob("*") if p.is_file()}
         if default is not None:
             self.shared[Path(default).stem] = Path(default)
         for path in sorted((self.workdir / "models").glob("*.safetensors")):
@@ -252,12 +258,17 @@ class Models:
         if total <= target:
             return
         young = (now or time.time()) - FRESH_S
-        candidates = [(_stat(p), p) for folder in TRANSIENT for p in (self.workdir / folder).rglob("*") if p.is_file()]
+        candidates = [(_stat(p), p) for folder in TRANSIENT for p in (self.workdir / folder).rglob("*")
+                      if p.is_file() and not self._is_example(p)]
         for (size, mtime), path in sorted(candidates, key=lambda c: c[0][1]):  # oldest first
             if total <= target or mtime >= young:
                 break
             total -= size
             self.forget(path)
+
+    def _is_example(self, path: Path) -> bool:
+        """Gradio's cached copy of an example photo (its name and size): served for as long as the app runs."""
+        return path.parent.parent.name == "gradio-cache" and (path.name, _stat(path)[0]) in self._examples
 
     def tidy(self, now: float | None = None) -> None:
         """Remove visitors' folders untouched for :data:`KEEP_VISITOR_S`, API deliveries and
@@ -270,7 +281,7 @@ class Models:
         for top in ("api", "gradio-cache"):
             for path in sorted((self.workdir / top).rglob("*"), key=lambda p: -len(p.parts)):  # files before folders
                 try:
-                    if path.is_file() and path.stat().st_mtime < now - KEEP_CACHE_S:
+                    if path.is_file() and path.stat().st_mtime < now - KEEP_CACHE_S and not self._is_example(path):
                         path.unlink()
                     elif path.is_dir() and not any(path.iterdir()) and path.stat().st_mtime < now - FRESH_S:
                         path.rmdir()

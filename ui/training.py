@@ -329,7 +329,7 @@ def _train(registry: Models, request: TrainRequest, data, should_stop, deadline:
 
 def _allowed(registry: Models) -> str:
     seconds = registry.limits.train_s
-    return f"{seconds / 60:g} minutes" if seconds >= 60 else f"{seconds:g} s"
+    return (f"{seconds / 60:g} minute{'s' if seconds != 60 else ''}") if seconds >= 60 else f"{seconds:g} s"
 
 
 def _stopped(registry: Models, deadline: float) -> str:
