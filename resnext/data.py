@@ -250,25 +250,27 @@ class _Budget:
     """The run's photos and decoded pixels so far, against :class:`TrainingLimits`, and the stop
     request: asked before each photo is looked at."""
 
-    def __init__(self, limits: TrainingLimits, should_stop: Callable[[], bool] | None):
-        self.limits, self.should_stop = limits, should_stop or (lambda: False)
+    def __init__(self, where: str, limits: TrainingLimits, should_stop: Callable[[], bool] | None):
+        self.where, self.limits, self.should_stop = where, limits, should_stop or (lambda: False)
         self.photos = self.pixels = 0
 
-    def count(self, photos: int) -> None:
-        """Files about to be looked at (before any is opened)."""
-        self.photos += photos
+    def count(self, files: list[Path]) -> None:
+        """Files about to be looked at (before any is opened): those named as images are photos."""
+        self.photos += sum(p.suffix.lower() in IMAGE_EXTENSIONS for p in files)
         if self.photos > self.limits.max_photos:
-            raise DataError(f"{self.photos:,} photos or more; one training run takes at most {self.limits.max_photos:,}")
+            raise DataError(f"{self.where}: {self.photos:,} photos or more; one training run takes at most "
+                            f"{self.limits.max_photos:,}")
 
     def spend(self, pixels: int) -> None:
         self.pixels += pixels
         if self.pixels > self.limits.max_decoded_pixels:
-            raise DataError(f"the photos add up to over {self.limits.max_decoded_pixels / 1e6:,.0f} megapixels to decode "
-                            f"(JPEGs count a sixteenth), the most one training run decodes here; use fewer or smaller photos")
+            raise DataError(f"{self.where}: the photos add up to over {self.limits.max_decoded_pixels / 1e6:,.0f} megapixels "
+                            "to decode (JPEGs count a sixteenth), the most one training run decodes here; use fewer or "
+                            "smaller photos")
 
     def check_stop(self) -> None:
         if self.should_stop():
-            raise LoadingStopped("stopped while checking the photos")
+            raise LoadingStopped(f"{self.where}: stopped while checking the photos")
 
 
 def _check_image(path: Path, budget: _Budget) -> str | None:
@@ -310,7 +312,7 @@ def _scan_classes(folder: Path, skipped: list[tuple[str, str]], base: Path, budg
             continue
         files = sorted(p for p in entry.rglob("*") if p.is_file()
                        and not any(part in IGNORED or part.startswith(".") for part in p.relative_to(entry).parts))
-        budget.count(len(files))
+        budget.count(files)
         images = []
         for path in files:
             budget.check_stop()
@@ -404,7 +406,7 @@ def load_dataset(
         if folder is not source:
             skipped += safe_extract(source, folder, zip_limits, should_stop=should_stop, max_images=limits.max_photos)
         try:
-            return _split(source, folder, val_split, seed, skipped, max_classes, _Budget(limits, should_stop))
+            return _split(source, folder, val_split, seed, skipped, max_classes, _Budget(source.name, limits, should_stop))
         except RecursionError:  # a folder tree thousands deep
             raise DataError(f"{source.name}: folders nested too deeply") from None
     except BaseException:

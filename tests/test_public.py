@@ -406,3 +406,22 @@ def test_cached_copies_of_the_examples_are_never_tidied_away(registry):
     assert copy.exists() and not other.exists()
     registry.make_room(0)  # nor to make room
     assert copy.exists()
+
+
+def test_disk_use_passes_over_folders_removed_while_it_walks(registry, monkeypatch):
+    """A finished run removes its job folder while another request counts the work folder (a
+    waiting trainer then failed with FileNotFoundError from Path.rglob)."""
+    jobs = registry.workdir / "jobs"
+    for job in ("a", "b"):
+        (jobs / job / "data").mkdir(parents=True)
+        (jobs / job / "data" / "p.png").write_bytes(b"x" * 100)
+    real = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == jobs / "b" / "data":  # listed by its parent, gone when its turn comes
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert registry.disk_use() == 100
+    registry.make_room(0)  # and the same walk makes room

@@ -210,7 +210,7 @@ class Models:
     def disk_use(self) -> int:
         """Bytes under the work folder, a file with several names (hard links) counted once."""
         seen, total = set(), 0
-        for path in self.workdir.rglob("*"):
+        for path in _files(self.workdir):
             try:
                 st = path.stat(follow_symlinks=False)
             except OSError:  # removed meanwhile
@@ -258,8 +258,8 @@ class Models:
         if total <= target:
             return
         young = (now or time.time()) - FRESH_S
-        candidates = [(_stat(p), p) for folder in TRANSIENT for p in (self.workdir / folder).rglob("*")
-                      if p.is_file() and not self._is_example(p)]
+        candidates = [(_stat(p), p) for folder in TRANSIENT for p in _files(self.workdir / folder)
+                      if not self._is_example(p)]
         for (size, mtime), path in sorted(candidates, key=lambda c: c[0][1]):  # oldest first
             if total <= target or mtime >= young:
                 break
@@ -279,14 +279,19 @@ class Models:
             if folder.is_dir() and folder.stat().st_mtime < now - KEEP_VISITOR_S:
                 shutil.rmtree(folder, ignore_errors=True)
         for top in ("api", "gradio-cache"):
-            for path in sorted((self.workdir / top).rglob("*"), key=lambda p: -len(p.parts)):  # files before folders
-                try:
-                    if path.is_file() and path.stat().st_mtime < now - KEEP_CACHE_S and not self._is_example(path):
-                        path.unlink()
-                    elif path.is_dir() and not any(path.iterdir()) and path.stat().st_mtime < now - FRESH_S:
-                        path.rmdir()
-                except OSError:
-                    pass
+            for folder, dirs, names in os.walk(self.workdir / top, topdown=False):  # files before their folders
+                for path in (Path(folder) / name for name in names):
+                    try:
+                        if path.stat().st_mtime < now - KEEP_CACHE_S and not self._is_example(path):
+                            path.unlink()
+                    except OSError:  # gone meanwhile
+                        pass
+                for path in (Path(folder) / name for name in dirs):
+                    try:
+                        if not any(path.iterdir()) and path.stat().st_mtime < now - FRESH_S:
+                            path.rmdir()
+                    except OSError:
+                        pass
         self.make_room(now=now)
 
     def tidy_every(self, seconds: float = 300) -> threading.Thread:
@@ -302,6 +307,14 @@ class Models:
         thread = threading.Thread(target=loop, name="tidy-workdir", daemon=True)
         thread.start()
         return thread
+
+
+def _files(folder: Path):
+    """Every file under ``folder``; folders that other requests remove meanwhile are passed over
+    (``Path.rglob`` raised when a finished run's job folder went while it walked)."""
+    for top, _, names in os.walk(folder):
+        for name in names:
+            yield Path(top) / name
 
 
 def _size(nbytes: int) -> str:
