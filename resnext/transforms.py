@@ -198,8 +198,10 @@ def _reading(fp, name: str, max_pixels: int):
         yield
     except ImageLoadError:
         raise
-    except Image.DecompressionBombError:
-        raise ImageLoadError(f"{name}: image is too large (over {max_pixels:,} pixels)") from None
+    except Image.DecompressionBombError as err:  # Pillow's own limit, past ours, raised while opening
+        declared = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{int(declared.group(1)):,} pixels" if declared else f"over {max_pixels:,} pixels"
+        raise ImageLoadError(f"{name}: image is too large ({size}; the limit is {max_pixels:,})") from None
     except UnidentifiedImageError:
         raise ImageLoadError(f"{name}: {what_it_is(fp)}") from None
     except (OSError, ValueError, SyntaxError) as err:

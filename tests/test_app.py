@@ -174,7 +174,8 @@ def test_big_photos_are_shrunk_for_display(registry):
 
 
 @pytest.mark.parametrize("content, reason", [(b"", "the file is empty"), (b"my notes\n", "this is text, not a photo"),
-                                             (b"\x00\x01\x02garbage", "not a photo in a format this app reads")])
+                                             (b"\x00\x01\x02garbage",
+                                              "not a photo in a format this app reads (JPEG, PNG, WebP, GIF, BMP or TIFF)")])
 def test_bad_files_are_named_in_plain_words(registry, tmp_path, content, reason):
     with pytest.raises(gr.Error, match="Add a photo"):
         answers.classify(registry.get(), None)
@@ -452,3 +453,34 @@ def test_reference_photos_shipped_kept_with_a_fine_tune_and_removed_with_it(regi
     assert max(Image.open(reference(mine, "green square")).size) <= 160
     registry.forget(model)
     assert not refs_folder(model).exists()  # removed with the model (quota, disk cap)
+
+
+def test_a_photo_with_no_bird_names_no_species_alone_or_in_the_batch_table(tmp_path):
+    """The single answer and the batch table (and its CSV) agree on "not a bird", and neither
+    names a species for it ("my closest guess, Gadwall at 32 %" read as an answer)."""
+    import csv
+
+    from conftest import red_is_no_bird
+    from ui.state import Models
+
+    (tmp_path / "m").mkdir()
+    registry = Models(red_is_no_bird(tmp_path / "m"), "cpu", tmp_path / "work")
+    classifier = registry.get()
+    photos = make_shapes(tmp_path / "p", classes=4, per_class=1, seed=3)
+    red = photos / "red disc" / "000.png"
+    single = answers.classify(classifier, str(red), 3)
+    assert single.explanation.verdict == "not_a_bird" and single.label == "No bird found"
+    named = [display_name(c) for c in classifier.classes]
+    assert not any(name in single.caption for name in named), single.caption
+    files = sorted(str(p) for p in photos.rglob("*.png"))
+    rows, csv_path = answers.classify_many(classifier, files, registry.workdir / "exports")
+    with open(csv_path, newline="") as f:
+        table = list(csv.reader(f))[1:]
+    verdicts = [answers.classify(classifier, path, 3).explanation.verdict for path in files]
+    assert "not_a_bird" in verdicts and set(verdicts) - {"not_a_bird"}  # both kinds in the batch
+    for row, line, verdict in zip(rows, table, verdicts):
+        assert row[1] == line[1] == answers.VERDICT_WORDS[verdict]  # the table says what the single answer says
+        if verdict == "not_a_bird":
+            assert row[2:] == line[2:] == [""] * 6
+        else:
+            assert row[2] in named and line[2] in named

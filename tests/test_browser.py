@@ -5,6 +5,7 @@ test-output/ for a person to look at. The app serves a tiny model whose classes 
 example photos' species, so the examples show as they do with the real bird model.
 """
 
+import io
 import json
 import re
 import struct
@@ -18,6 +19,7 @@ from PIL import Image
 
 from conftest import APP_CLASSES as BIRDS, APP_MODEL as DEFAULT, SHAPES, make_shapes, mostly_not_red, red_is_no_bird, tiny_model
 from resnext import Preprocessing, save_checkpoint
+from test_transforms import encoded, png_declaring
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 playwright = pytest.importorskip("playwright.sync_api")
@@ -216,6 +218,7 @@ def test_a_no_bird_answer_talks_of_no_species(page, tmp_path):
     caption = page.locator("#caption")
     caption.get_by_text("no species to explain").wait_for(timeout=30_000)
     assert "decide" not in caption.inner_text() and page.locator("#top3").is_hidden()
+    assert not any(name in caption.inner_text() for name in SHAPES), caption.inner_text()  # no "closest guess"
     shot(page, "no-bird")
 
 
@@ -422,7 +425,19 @@ def test_6_one_progress_display(page, tmp_path):
     page.locator("#train-status").get_by_text("Stopped").wait_for(timeout=30_000)
 
 
-@pytest.mark.parametrize("content, words", [(b"", "the file is empty"), (b"shopping list\n", "this is text, not a photo")])
+def _cut_short() -> bytes:
+    rng = np.random.default_rng(1)
+    path = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(path, "JPEG")
+    return path.getvalue()[:6000]  # a JPEG cut short in transfer: its header reads, its pixels do not
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"", "the file is empty"), (b"shopping list\n", "this is text, not a photo"),
+    (_cut_short(), "the image data is damaged or cut short"),  # was red "Error" badges, the half photo kept
+    (encoded(Image.new("RGB", (1, 1), (200, 30, 40)), "PNG"), "too small to tell anything from (1x1 pixels"),  # was a guess
+    (png_declaring(20_000, 20_000), "the limit is 64,000,000"),  # was "image is too large." with no limit
+], ids=["empty", "text", "cut short", "1x1", "20000x20000"])
 def test_7_bad_files_are_named_in_plain_words(page, tmp_path, content, words):
     bad = tmp_path / "holiday.jpg"
     bad.write_bytes(content)

@@ -19,6 +19,7 @@ from resnext.transforms import ANSWER_SIDE, load_photo, shrink_to_fit
 from .card import plain
 from .fixes import Unreadable, plain_reason
 
+MIN_PHOTO_SIDE = 16  # pixels a side: anything smaller shows nothing to tell (as for training photos)
 MAX_PHOTO_SIDE = ANSWER_SIDE  # photos are shrunk to this for display and heatmaps (the network sees less)
 TOP3_SIDE = 480  # the top-3 tiles are small: no need to send 1280 px copies
 KEEP_FILES_S = 3600  # CSVs and images served to a visitor are deleted after an hour
@@ -64,17 +65,31 @@ def species(label: str) -> str:
     return plain(display_name(label))
 
 
+class Unusable(gr.Error):
+    """A file that cannot be answered (not a photo, cut short, too small, too large): the page
+    says why in a warning and removes it; an API caller gets the same words as an error."""
+
+
 def open_photo(image) -> tuple[Image.Image, float]:
     """Whatever the photo input hands over -> (an upright RGB photo of at most MAX_PHOTO_SIDE
-    pixels, the scale from the uploaded photo's pixels to it)."""
+    pixels, the scale from the uploaded photo's pixels to it).
+
+    Raises:
+        gr.Error: no photo. Unusable: a file that is no usable photo, in plain words.
+    """
     if image is None:
         raise gr.Error("Add a photo first: upload one, paste it, or use the webcam.")
     if isinstance(image, Unreadable):
-        raise gr.Error(f"That file cannot be used: {image.reason}.")
+        raise Unusable(f"That file cannot be used: {image.reason}.")
     try:
-        return load_photo(image, MAX_PHOTO_SIDE)  # a phone's JPEG is decoded at half its size already
+        photo, scale = load_photo(image, MAX_PHOTO_SIDE)  # a phone's JPEG is decoded at half its size already
     except (ImageLoadError, FileNotFoundError) as err:
-        raise gr.Error(f"That file cannot be used: {plain_reason(err)}.") from None
+        raise Unusable(f"That file cannot be used: {plain_reason(err)}.") from None
+    if min(photo.size) < MIN_PHOTO_SIDE / scale:
+        width, height = (round(v / scale) for v in photo.size)
+        raise Unusable(f"This photo is too small to tell anything from ({width}x{height} pixels; a photo needs at "
+                       f"least {MIN_PHOTO_SIDE} on each side).")
+    return photo, scale
 
 
 def classify(classifier: Classifier, image, top_k: int = 5, target: str | None = None, method: str = "gradcam",
@@ -150,10 +165,9 @@ def caption_lines(classifier: Classifier, main) -> list[str]:
 def verdict_message(classifier: Classifier, answer) -> str:
     """A plain sentence for an answer that is not a confident species."""
     best = answer[0]
-    if answer.verdict == "not_a_bird":
+    if answer.verdict == "not_a_bird":  # no species named: any name here would be read as the answer
         return ("<div class='unsure'><b>This does not look like a bird photo.</b> If there is a bird, try a "
-                f"photo that shows all of it, not too small (my closest guess, {species(best.label)} at {best.prob:.0%}, "
-                "would not mean much).</div>\n")
+                "photo that shows all of it, not too small.</div>\n")
     return (f"<div class='unsure'>⚠️ <b>Not sure</b> — my best guess is {species(best.label)} at only "
             f"{best.prob:.0%}. This may not be one of the {len(classifier.classes)} species I know.</div>\n")
 
@@ -186,17 +200,18 @@ def classify_many(classifier: Classifier, files, exports: Path) -> tuple[list[li
     for file in files:
         path = Path(file if isinstance(file, str) else file.name)
         try:
-            (top,) = classifier.predict(load_photo(path, MAX_PHOTO_SIDE)[0], k=3)  # as one photo at a time sees it
-        except (ImageLoadError, FileNotFoundError) as err:
+            (top,) = classifier.predict(open_photo(str(path))[0], k=3)  # as one photo at a time sees it
+        except Unusable as err:
             problems += 1
-            rows.append([path.name, f"unreadable: {plain_reason(err)}"] + [""] * (len(BATCH_HEADERS) - 2))
+            rows.append([path.name, "unreadable: " + err.message.split(": ", 1)[-1]] + [""] * (len(BATCH_HEADERS) - 2))
             continue
         row = [path.name, VERDICT_WORDS[top.verdict]]
-        for p in top + [None] * (3 - len(top)):
+        shown = top if top.verdict != "not_a_bird" else []  # with no bird, no species word (as the single answer)
+        for p in shown + [None] * (3 - len(shown)):
             row += [display_name(p.label), round(p.prob, 4)] if p else ["", ""]
         rows.append(row)
     if problems:
-        gr.Warning(f"{problems} file(s) could not be read; they are marked in the table.")
+        gr.Warning(f"{problems} file(s) could not be used; the table says why.")
     out = export_path(exports, "predictions", ".csv")
     with out.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)

@@ -10,9 +10,9 @@ import gradio as gr
 
 from resnext import display_name, load_image
 
-from .answers import BATCH_HEADERS, METHOD_NAMES, PREDICTION, TOP1, classify, page_label, reblend
+from .answers import BATCH_HEADERS, METHOD_NAMES, PREDICTION, TOP1, Unusable, classify, page_label, reblend
 from .context import Ctx, example_species, examples, knows_examples
-from .fixes import Unreadable, photo_input
+from .fixes import photo_input
 from .references import reference
 
 PRIVATE = {"api_visibility": "private"}
@@ -111,11 +111,12 @@ def answer(ctx: Ctx, tab: ClassifyTab, name, owner, image, k, target, method, op
     photo is named in a warning and removed."""
     if image is None:
         return tab.cleared()
-    if isinstance(image, Unreadable):
-        gr.Warning(f"That file cannot be used: {image.reason}.")
-        return {**tab.cleared(), tab.photo: None, tab.box: None}
     classifier = ctx.registry.get(name, owner)
-    shown = classify(classifier, image, k, target, method, opacity, box=box)
+    try:
+        shown = classify(classifier, image, k, target, method, opacity, box=box)
+    except Unusable as err:  # a yellow warning and the file removed, never red "Error" badges
+        gr.Warning(err.message)
+        return {**tab.cleared(), tab.photo: None, tab.box: None}
     # the top-3 tiles explain the top 3 predictions, in order: each gets its species' reference photo
     refs = [reference(classifier, p.label) for p in shown.explanation.predictions[:3]] if shown.top3 else []
     refs += [None] * (3 - len(refs))

@@ -72,7 +72,9 @@ def plain_reason(err: Exception) -> str:
     if isinstance(err, FileNotFoundError):
         return NOT_ARRIVED
     reason = text.split(": ", 1)[-1] if ": " in text else text
-    return reason.split(" (", 1)[0]  # "damaged or cut short (PIL's own words)" -> the plain part
+    if "damaged or cut short (" in reason:
+        return reason.split(" (", 1)[0]  # "damaged or cut short (PIL's own words)" -> the plain part
+    return reason  # a limit keeps its numbers: "too large (20000x20000 = ...; the limit is 64,000,000)"
 
 
 GENTLE = "gentle-photo"  # the class that marks a photo input (it survives Gradio's copies of the component)
