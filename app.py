@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     # Gradio's copies of uploads and of the files it serves live in the work folder, where the
     # app's tidying and disk cap reach them (read when the Blocks are built).
     os.environ["GRADIO_TEMP_DIR"] = str((args.workdir / "gradio-cache").resolve())
-    registry.tidy_every(300)
+    registry.tidy_every(float(os.environ.get("RESNEXT_TIDY_SECONDS", 300)))
     # The first explanation imports grad-cam (OpenCV, matplotlib): pay that before the first visitor.
     from PIL import Image
 

@@ -557,3 +557,37 @@ def test_a_hostile_model_file_gets_a_plain_warning_and_changes_nothing(page, tmp
     assert "ResNeXt, layers [1, 1, 1, 1], cardinality 4" in card and "10**300" not in card  # still the default's card
     assert model_options(page) == [DEFAULT]
     shot(page, "hostile-model")
+
+
+def test_the_examples_always_show_whatever_the_dates_of_their_files(browser, tmp_path):
+    """The app's tidying on a one-second clock, the example photos' cached copies dated ten years
+    back (as on a Space whose files are old): every example still shows and can be fetched
+    (they were broken images with 403s a few minutes after start)."""
+    import os
+    import time
+
+    import httpx
+    from conftest import APP_CLASSES, shapes_backbone
+    from serve import AppServer
+
+    (tmp_path / "m").mkdir()
+    checkpoint = shapes_backbone(tmp_path / "m", APP_CLASSES)
+    with AppServer(checkpoint, tmp_path / "work", timeout=120, device="cpu",
+                   extra_env={"RESNEXT_TIDY_SECONDS": "1"}) as app:
+        copies = [p for p in (app.workdir / "gradio-cache").rglob("*.jpg")]
+        assert len(copies) >= 10
+        decade = time.time() - 10 * 365 * 86400
+        for path in copies:
+            os.utime(path, (decade, decade))
+        time.sleep(3.5)  # three rounds of tidying
+        assert all(p.exists() for p in copies)
+        page = open_page(browser, app.url)
+        try:
+            images = page.locator("#example-gallery img")
+            images.first.wait_for(timeout=30_000)
+            page.wait_for_function("() => [...document.querySelectorAll('#example-gallery img')].every("
+                                   "i => i.complete && i.naturalWidth > 0)", timeout=30_000)
+            sources = images.evaluate_all("imgs => imgs.map(i => i.src)")
+            assert len(sources) >= 10 and all(httpx.get(src, timeout=30).status_code == 200 for src in sources)
+        finally:
+            page.context.close()

@@ -8,7 +8,6 @@ import secrets
 import gradio as gr
 
 from . import api, classify_tab, finetune_tab, model_tab
-from .answers import KEEP_FILES_S
 from .context import Ctx, species_list
 from .state import Models
 
@@ -82,7 +81,10 @@ def build_demo(registry: Models, key: bytes | None = None) -> gr.Blocks:
     """The app's Blocks, built without launching. ``key`` signs visitors' tokens (a random one
     per start if not given: a restart then forgets who owns which model); it never leaves the server."""
     ctx = Ctx(registry, key or secrets.token_bytes(32))
-    with gr.Blocks(title="ResNeXt bird classifier", delete_cache=(KEEP_FILES_S // 4, KEEP_FILES_S)) as demo:
+    # No Gradio delete_cache: Models.tidy ages the same cache out (an hour), but never the example
+    # photos' copies, which Gradio's pass removed an hour after start (and ours, taking their dates
+    # from the assets, within minutes): every example was then a broken image (403).
+    with gr.Blocks(title="ResNeXt bird classifier") as demo:
         ctx.session = gr.State(None)
         ctx.model_name = gr.State(registry.default)
         ctx.remembered = gr.BrowserState({"owner": None, "sig": None, "model": None}, storage_key="resnext-visitor",
