@@ -280,7 +280,7 @@ def test_a_fine_tune_never_calls_its_own_photos_not_a_bird(tmp_path):
     assert _bird_check(_Scores(), start, _grey_photos(tmp_path, [200, 255]))[0] == start
     # most pass (birds the start model finds odd, e.g. flamingos): lowered below the lowest, to half of it
     below, how = _bird_check(_Scores(), start, _grey_photos(tmp_path, [51, 200, 255]))
-    assert below == pytest.approx(0.1, abs=1e-6) and "lowered to 0.1 so that all 3" in how and "(67% did)" in how
+    assert below == pytest.approx(0.1, abs=1e-6) and "lowered to 0.10 so that all 3" in how and "(67% of them passed" in how
     # fewer than half pass: the classes are not birds, and the check is off
     below, how = _bird_check(_Scores(), start, _grey_photos(tmp_path, [10, 20, 255]))
     assert below is None and how.startswith("off (33% of 3")

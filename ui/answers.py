@@ -114,8 +114,7 @@ def classify(classifier: Classifier, image, top_k: int = 5, target: str | None =
     gallery = [(overlay, f"{species(e.label)} · {e.prob:.0%}") for e, overlay in zip(trio, _tiles(trio, opacity))] \
         if top3 and bird else []
     lines = caption_lines(classifier, main)
-    lines.append(f"<span class='small-print'>{elapsed:.0f} ms · {classifier.device.type.upper()} · "
-                 f"{classifier.fast_path}</span>")
+    lines.append(f"<span class='small-print'>answered in {elapsed:.0f} ms on the {classifier.device.type.upper()}</span>")
     return Shown(label, main.overlay_with(opacity), gallery, "\n\n".join(lines), main)
 
 
@@ -140,9 +139,27 @@ def page_label(shown: Shown | None = None) -> gr.Label:
                     label="Not sure: the closest species" if unsure else PREDICTION)
 
 
+def fine_tuned(classifier: Classifier) -> bool:
+    """A visitor's model trained here on a few classes: its answers are among those classes only."""
+    return (classifier.info.provenance or {}).get("mode") in ("quick", "full")
+
+
+def species_sentence(classifier: Classifier, best) -> str:
+    """A confident answer in words; a fine-tuned model says that it only knows its own classes
+    ("Pileated Woodpecker (83 %): sure enough to say so" was its answer to a Brown Pelican)."""
+    if fine_tuned(classifier):
+        n = len(classifier.classes)
+        return (f"Of the {n} classes this model knows, this looks most like **{species(best.label)}** ({best.prob:.0%}); "
+                f"it names one of those {n} whatever the photo shows.")
+    return f"**{species(best.label)}** ({best.prob:.0%}): sure enough to say so."
+
+
 def caption_lines(classifier: Classifier, main) -> list[str]:
     """The verdict in words, which box was used, and what the heatmap shows."""
-    lines = [verdict_message(classifier, main.predictions)] if main.verdict != "species" else []
+    if main.verdict != "species":
+        lines = [verdict_message(classifier, main.predictions)]
+    else:
+        lines = [species_sentence(classifier, main.predictions[0])] if fine_tuned(classifier) else []
     if main.boxed:
         lines.append("I looked only inside the box you drew (green).")
     elif main.found:
@@ -151,14 +168,14 @@ def caption_lines(classifier: Classifier, main) -> list[str]:
         lines.append(f"I also looked closer at {what} (the green box); the answer {weighs}.")
     method = METHOD_NAMES.get(main.method, main.method)
     if main.verdict == "not_a_bird":
-        lines.append(f"What the network looked at most ({method} on conv5). With no bird, there is no species to "
+        lines.append(f"Where the network looked most (warm colours; {method}). With no bird, there is no species to "
                      "explain.")
     elif main.method in CLASS_FREE:
-        lines.append(f"What the network's conv5 features respond to most strongly ({method}: the same map "
+        lines.append(f"What the network's features respond to most strongly (warm colours; {method}: the same map "
                      "whichever class you pick).")
     else:
-        lines.append(f"Where the model looked to decide **{species(main.label)}** ({main.prob:.0%}), "
-                     f"{method} on conv5.")
+        lines.append(f"Where the model looked to decide **{species(main.label)}** ({main.prob:.0%}): the warm colours "
+                     f"({method}).")
     return lines
 
 

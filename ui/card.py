@@ -94,9 +94,10 @@ def model_card(classifier: Classifier, shipped: bool = False) -> str:
             facts.append(f"test top-1 / top-5: {metrics['test_top1']:.1%} / {metrics.get('test_top5', 0):.1%}")
         lines += ["", "**Provenance** — " + " · ".join(facts)]
         rules = classifier.rules
-        check = f"under **{rules.bird_below:g}**" if rules.bird_below is not None else "off"
-        lines += ["", f"**Verdicts** — \"not sure\" under **{rules.unsure_below:.0%}** top-1 · \"not a bird\" {check} "
-                  f"· how they were set: {plain(rules.source[:400])}"]
+        check = (f"when its bird score is under **{rules.bird_below:.2f}** (of 1)" if rules.bird_below is not None
+                 else "never (no bird check)")
+        lines += ["", f"**Verdicts** — \"not sure\" when its first answer is under **{rules.unsure_below:.0%}** · "
+                  f"\"not a bird\" {check} · how they were set: {plain(rules.source[:400])}"]
     names = ", ".join(plain(display_name(c)) for c in classifier.classes[:100])
     more = f" … and {len(classifier.classes) - 100} more" if len(classifier.classes) > 100 else ""
     lines += ["", f"**Classes** — {names}{more}"]

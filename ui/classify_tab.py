@@ -11,7 +11,7 @@ import gradio as gr
 from resnext import display_name, load_image
 
 from .answers import BATCH_HEADERS, METHOD_NAMES, PREDICTION, TOP1, Unusable, classify, page_label, reblend
-from .context import Ctx, example_species, examples, knows_examples
+from .context import Ctx, example_species, examples, known_examples
 from .fixes import photo_input
 from .references import reference
 
@@ -65,15 +65,18 @@ def build(ctx: Ctx) -> ClassifyTab:
                 button = gr.Button("Classify", variant="primary", elem_id="classify", min_width=120)
                 clear_box = gr.Button("Use the whole photo", size="sm", visible=False, elem_id="clear-box", min_width=120)
             # Under the photo, in the first view on a desktop, where the answer's top-3 row cannot push them down
-            with gr.Column(visible=knows_examples(first.classes) and bool(examples()), elem_id="examples") as example_box:
-                example_gallery = gr.Gallery([(p, example_species(p).title()) for p in examples()],
+            shown = known_examples(first.classes)
+            with gr.Column(visible=bool(shown), elem_id="examples") as example_box:
+                example_gallery = gr.Gallery(shown or None,
                                              label="Example photos (click one)", columns=5, height="auto",
-                                             allow_preview=False, object_fit="cover", elem_id="example-gallery", buttons=[])
+                                             allow_preview=False, object_fit="cover", elem_id="example-gallery", buttons=[],
+                                             elem_classes=["static-label", "photo-grid"])
         with gr.Column(scale=1, min_width=300, elem_id="answer"):
             label = gr.Label(label=PREDICTION, show_heading=True, elem_id="prediction")
             caption = gr.Markdown(elem_id="caption")
-            overlay = gr.Image(label="Where the model looked (conv5)", type="numpy", interactive=False, height=400,
-                               elem_id="overlay", buttons=["download", "fullscreen"], format=IMAGE_FORMAT)
+            overlay = gr.Image(label="Where the model looked", type="numpy", interactive=False, height=400,
+                               elem_id="overlay", buttons=["download", "fullscreen"], format=IMAGE_FORMAT,
+                               elem_classes="static-label")
             opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="Heatmap opacity", elem_id="opacity")
     with gr.Row(elem_id="top3", visible=False) as top3_row:
         top3, top3_captions, refs = [], [], []
@@ -82,8 +85,9 @@ def build(ctx: Ctx) -> ClassifyTab:
                 top3.append(gr.Image(type="pil", interactive=False, height=160, elem_id=f"top3-{i}", buttons=[],
                                      show_label=False, format=IMAGE_FORMAT))
                 top3_captions.append(gr.Markdown(elem_classes="tile-caption"))
-                refs.append(gr.Image(type="pil", interactive=False, height=110, elem_id=f"ref-{i}", buttons=[],
-                                     label="What it looks like", show_label=True, visible=False, format=IMAGE_FORMAT))
+                refs.append(gr.Image(type="pil", interactive=False, height=140, elem_id=f"ref-{i}", buttons=[],
+                                     label="What it looks like", show_label=True, visible=False, format=IMAGE_FORMAT,
+                                     elem_classes="static-label"))
     with gr.Row():
         classify_model = gr.Dropdown(registry.names(), value=registry.default, label="Model", min_width=260,
                                      elem_id="classify-model")
@@ -97,10 +101,10 @@ def build(ctx: Ctx) -> ClassifyTab:
         many = gr.File(file_count="multiple", file_types=["image"], label="Photos", elem_id="many")
         many_button = gr.Button("Classify all", elem_id="classify-all")
         table = gr.Dataframe(headers=BATCH_HEADERS, interactive=False, wrap=True, elem_id="batch-table",
-                             column_widths=["22%", "12%", "16%", "6%", "16%", "6%", "16%", "6%"])  # 100 %: no column cut off
+                             column_widths=["20%", "14%", "16%", "6%", "16%", "6%", "16%", "6%"])  # 100 %: no column cut off
         csv_file = gr.File(label="Download as CSV", interactive=False)
     ctx.pickers.append(classify_model)
-    ctx.target, ctx.top_k, ctx.example_box = target, top_k, example_box
+    ctx.target, ctx.top_k, ctx.example_box, ctx.example_gallery = target, top_k, example_box, example_gallery
     tab = ClassifyTab(photo, top3_row, top3_captions, label, overlay, caption, opacity, top3, gr.State(None), box_hint, clear_box, gr.State(None),
                       method, many, table, csv_file, button, many_button, classify_model, example_gallery, refs)
     return tab
@@ -136,7 +140,12 @@ def corner(box, x: float, y: float) -> tuple[dict, str]:
 
 
 def pick_example(evt: gr.SelectData):
-    return examples()[evt.index]
+    """The example clicked, found by its caption (the gallery shows only the model's own species)."""
+    caption = (evt.value or {}).get("caption") if isinstance(evt.value, dict) else None
+    for path in examples():
+        if example_species(path).title() == caption:
+            return path
+    raise gr.Error("Pick one of the example photos shown.")
 
 
 def wire(ctx: Ctx, tab: ClassifyTab) -> None:

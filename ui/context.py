@@ -33,10 +33,27 @@ def example_species(path: str) -> str:
     return Path(path).stem.replace("_", " ").lower()
 
 
-def knows_examples(classes: list[str]) -> bool:
-    """Whether a model knows the example photos' species (a bird model), so they make sense."""
+def known_examples(classes: list[str]) -> list[tuple[str, str]]:
+    """The example photos of species the model knows, as (path, caption): a model that does not
+    know a species would only answer "not sure" or a wrong name for its photo."""
     known = {display_name(c).replace("-", " ").lower() for c in classes}
-    return any(example_species(p).replace("-", " ") in known for p in examples())
+    return [(p, example_species(p).title()) for p in examples() if example_species(p).replace("-", " ") in known]
+
+
+HEADER = ("# Bird species from a photo\nDrop a photo of a bird: the app names its species, says so when it is not "
+          "sure or sees no bird, and shows where in the photo it looked. {knows} Teach it your own in *Fine-tune*.")
+
+
+def header(classifier, name: str, shipped: bool) -> str:
+    """The page's first lines, for the model in use."""
+    from .card import plain
+
+    n = len(classifier.classes)
+    if shipped:
+        knows = f"It knows the {n} species listed here."
+    else:
+        knows = f"You are using **{plain(name)}**, which knows only the {n} classes listed here."
+    return HEADER.format(knows=knows)
 
 
 @dataclass
@@ -54,11 +71,13 @@ class Ctx:
     target: gr.Dropdown = None
     top_k: gr.Slider = None
     example_box: gr.Column = None
+    example_gallery: gr.Gallery = None
+    header: gr.Markdown = None
     reanswer: tuple = None  # (fn, inputs, outputs): the Classify tab's answer, re-run after a model change
 
     def selection_outputs(self) -> list:
         return [self.session, self.remembered, self.model_name, *self.pickers, self.card, self.species, self.target,
-                self.top_k, self.example_box]
+                self.top_k, self.example_box, self.example_gallery, self.header]
 
     def select(self, owner: str | None, name: str | None) -> dict:
         """Everything that follows from the session using model ``name``."""
@@ -68,15 +87,19 @@ class Ctx:
         classifier = self.registry.get(name, owner)
         classes = [TOP1] + sorted(display_name(c) for c in classifier.classes)
         n = len(classifier.classes)
+        shipped = name == self.registry.default
+        shown = known_examples(classifier.classes)
         updates = {
             self.session: owner,
             self.remembered: {"owner": owner, "sig": signature(self.key, owner), "model": name},
             self.model_name: name,
-            self.card: model_card(classifier, shipped=name == self.registry.default),
+            self.card: model_card(classifier, shipped=shipped),
             self.species: species_list(classifier.classes),
             self.target: gr.Dropdown(choices=classes, value=TOP1),
             self.top_k: gr.Slider(maximum=min(10, n), value=min(5, n)),
-            self.example_box: gr.Column(visible=knows_examples(classifier.classes)),
+            self.example_box: gr.Column(visible=bool(shown)),
+            self.example_gallery: gr.Gallery(value=shown or None, allow_preview=False, selected_index=None),
+            self.header: header(classifier, name, shipped),
         }
         updates.update({picker: gr.Dropdown(choices=names, value=name) for picker in self.pickers})
         return updates

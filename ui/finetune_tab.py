@@ -13,10 +13,15 @@ from .state import SLOT, new_owner, valid_owner
 from .training import MAX_CLASSES_UI, TrainRequest, check_data, run_training, status_html
 
 PRIVATE = {"api_visibility": "private"}
-LINE_COLOURS = {"training loss": "#2563eb", "training accuracy": "#f59e0b", "validation accuracy": "#059669"}
+# Short names: the legend is one line of a phone-wide plot ("validation accuracy" was cut to "valida…");
+# loss and accuracy are the training photos' unless named "validation".
+LINE_COLOURS = {"loss": "#2563eb", "accuracy": "#f59e0b", "validation accuracy": "#059669"}
 INTRO = ("Teach the model your own classes. Upload a **zip** with one folder per class, or name classes below and "
-         "add photos to each. *Quick* mode trains a new head on frozen features (seconds to a minute on a CPU); "
-         "*full* mode fine-tunes the network. The new model is yours: nobody else can see or use it.")
+         "add photos to each. *Quick* mode teaches only the model's last step, which turns what it sees into names "
+         "(seconds to a minute on a CPU); *full* mode retrains the whole network (slower; better with many photos). "
+         "The new model is yours: nobody else can see or use it.")
+STARTS = [("the model in use", "current model"), ("a general photo model (ImageNet)", "ImageNet"),
+          ("nothing (random weights: needs thousands of photos)", "scratch")]
 
 
 @dataclass
@@ -64,7 +69,7 @@ def build(ctx: Ctx) -> FineTuneTab:
             camera = webcam.build(MAX_CLASSES_UI)
         with gr.Column(min_width=300):
             mode = gr.Radio(["quick", "full"], value="quick", label="Mode")
-            start = gr.Radio(["current model", "ImageNet", "scratch"], value="current model", label="Start from")
+            start = gr.Radio(STARTS, value="current model", label="Start from")
             with gr.Row():
                 epochs = gr.Number(value=0, label="Epochs (0 = automatic: 60 quick, 10 full)", precision=0, minimum=0,
                                    maximum=ctx.registry.limits.max_epochs, min_width=140)
@@ -82,13 +87,16 @@ def build(ctx: Ctx) -> FineTuneTab:
     tried = try_it.build()  # hidden until a run saves a model
     # Hidden until the first epoch: gradio 6.31's LinePlot loses its colours for good when the
     # first value it receives is an empty table, so it is never sent one.
-    plot = gr.LinePlot(x="epoch", y="value", color="metric", label="Loss and accuracy per epoch",
+    plot = gr.LinePlot(x="epoch", y="value", color="metric", label="Loss and accuracy per epoch", color_title="",
                        visible=False, elem_id="train-plot", color_map=LINE_COLOURS, colors_in_legend=list(LINE_COLOURS))
+    # Hidden until a run has results: an empty table and an empty plot frame meant nothing
     with gr.Row():
-        per_class = gr.Dataframe(headers=["class", "validation accuracy", "validation photos"], interactive=False,
-                                 elem_id="per-class", min_width=300)
+        per_class = gr.Dataframe(headers=["class", "validation accuracy", "photos"], interactive=False,
+                                 elem_id="per-class", min_width=300, visible=False, wrap=True,
+                                 column_widths=["36%", "40%", "24%"])
         # The title is drawn in the figure: Gradio's label floats over the plot and hid a cell on a phone
-        confusion = gr.Plot(label="Confusion matrix (validation)", show_label=False, elem_id="confusion", min_width=300)
+        confusion = gr.Plot(label="Confusion matrix (validation)", show_label=False, elem_id="confusion", min_width=300,
+                            visible=False)
     download = gr.DownloadButton("Download the new model (.safetensors)", visible=False, elem_id="download")
     return FineTuneTab(zip_file, names, uploads, groups, gr.State(2), add_class, remove_class, mode, start, epochs,
                        image_size, new_name, check, train, stop, status, report, plot, per_class, confusion, download,
@@ -113,7 +121,8 @@ def wire(ctx: Ctx, tab: FineTuneTab) -> None:
     def train(*values):
         req = request(*values)
         yield {tab.plot: gr.LinePlot(visible=False), tab.download: gr.DownloadButton(visible=False),
-               tab.per_class: None, tab.confusion: None, tab.stop: gr.Button("Stop", interactive=True),
+               tab.per_class: gr.Dataframe(value=None, visible=False), tab.confusion: gr.Plot(value=None, visible=False),
+               tab.stop: gr.Button("Stop", interactive=True),
                tab.try_it.box: gr.Column(visible=False)}
         for view in run_training(ctx.registry, req):
             yield _updates(ctx, tab, req.owner, view)
@@ -165,8 +174,8 @@ def _updates(ctx: Ctx, tab: FineTuneTab, owner: str, view) -> dict:
     if view.history is not None:
         updates[tab.plot] = gr.LinePlot(value=view.history, visible=True)
     if view.per_class is not None:
-        updates[tab.per_class] = view.per_class
-        updates[tab.confusion] = view.figure
+        updates[tab.per_class] = gr.Dataframe(value=view.per_class, visible=True)
+        updates[tab.confusion] = gr.Plot(value=view.figure, visible=True)
     if view.model_file:
         updates[tab.download] = gr.DownloadButton(value=view.model_file, visible=True)
     if view.new_model:

@@ -8,7 +8,7 @@ import secrets
 import gradio as gr
 
 from . import api, classify_tab, finetune_tab, model_tab
-from .context import Ctx, species_list
+from .context import Ctx, header, species_list
 from .state import Models
 
 THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
@@ -20,18 +20,40 @@ CSS = """
 #model-card table, #train-report table {display: block; overflow-x: auto; white-space: nowrap}
 .top3-tile img {object-fit: contain}
 #overlay img {width: 100%; height: 100%; object-fit: contain}  /* small photos fill the answer's frame */
-#example-gallery .caption-label {font-size: 0.8em}
+/* Gradio sizes the grid by the photos it has: one example filled the column. Five a row here,
+   four on a phone (five of 100 px each scrolled sideways there, hiding four with no cue). */
+#example-gallery .grid-container {grid-template-columns: repeat(5, minmax(0, 1fr)) !important;
+  grid-template-rows: none !important; grid-auto-rows: auto !important}
+/* Photo grids (the examples, a run's validation photos): each name under its photo, whole; over it,
+   "Carolina W..." hid most of a name and of the bird. Only as tall as the photos. */
+.photo-grid .grid-container {padding-top: 0 !important}
+.photo-grid, .photo-grid .grid-wrap {min-height: 0 !important; height: auto !important; max-height: none !important}
+.photo-grid .thumbnail-item {aspect-ratio: auto !important; height: auto !important; display: flex;
+  flex-direction: column; overflow: visible}
+.photo-grid .thumbnail-item img {aspect-ratio: 1; width: 100%; height: auto; object-fit: cover}
+.photo-grid .caption-label {position: static !important; max-width: 100% !important; white-space: normal !important;
+  overflow: visible !important; text-overflow: clip !important; background: none !important; border: none !important;
+  box-shadow: none !important; padding: 2px 0 0 0 !important; margin: 0 !important; text-align: center;
+  line-height: 1.2; font-size: 0.8em}
+/* A label above its picture, not a badge over it (it hid the bird's head on the heatmap, and most
+   of a reference photo on a phone). */
+.static-label {height: auto !important}
+.static-label label.float {position: static !important; margin: 0 0 4px 0}
+#per-class th, #per-class td, #per-class th *, #per-class td * {word-break: normal !important; overflow-wrap: normal !important}
 .tile-caption {text-align: center; font-size: 0.9em}
 @media (max-width: 640px) {
   h1 {font-size: 1.3em}
+  [id^=ref-] label.float {font-size: 0.7em; padding: 1px 4px}
+  [id^=ref-] label.float svg {display: none}
+  /* wider than a phone, scrolled sideways, so no word breaks letter by letter ("no t su re") */
+  #batch-table .table-container {overflow-x: auto}
+  #batch-table .table-wrap {min-width: 620px; font-size: 0.8em}
+  #batch-table td, #batch-table th, #batch-table td * {word-break: normal !important; overflow-wrap: normal !important}
+  #example-gallery .grid-container {grid-template-columns: repeat(4, minmax(0, 1fr)) !important}
+  .photo-grid .caption-label {font-size: 0.7em}
   #photo, #overlay {max-height: 320px}
 }
 """
-HEADER = ("# Bird species from a photo\nDrop a photo of a bird: the app names its species, says so when it is not "
-          "sure or sees no bird, and shows where in the photo it looked. It knows the {n} species listed here; "
-          "teach it your own in *Fine-tune*.")
-
-
 # A click on the photo marks the first corner at once, and the second draws the box, before the
 # answer comes back (the server keeps the box; this only shows it). A new photo, or "Use the whole
 # photo", clears the marks. And the class box selects its text when entered.
@@ -51,7 +73,13 @@ PAGE_JS = """() => {
   document.addEventListener('click', (e) => {
     if (e.target.closest('#clear-box')) { clear(); return; }
     const img = e.target.closest('#photo img');
-    if (!img) return;
+    if (!img || !img.naturalWidth) return;
+    // Gradio answers a click only on the picture, not on the margins object-fit leaves around it:
+    // no mark there either (one appeared, and the box never completed).
+    const r = img.getBoundingClientRect();
+    const s = Math.min(r.width / img.naturalWidth, r.height / img.naturalHeight);
+    const w = img.naturalWidth * s, h = img.naturalHeight * s, l = r.left + (r.width - w) / 2, t = r.top + (r.height - h) / 2;
+    if (e.clientX < l || e.clientX > l + w || e.clientY < t || e.clientY > t + h) return;
     const frame = img.parentElement;
     if (getComputedStyle(frame).position === 'static') frame.style.position = 'relative';
     const f = frame.getBoundingClientRect(), x = e.clientX - f.left, y = e.clientY - f.top;
@@ -89,7 +117,7 @@ def build_demo(registry: Models, key: bytes | None = None) -> gr.Blocks:
         ctx.model_name = gr.State(registry.default)
         ctx.remembered = gr.BrowserState({"owner": None, "sig": None, "model": None}, storage_key="resnext-visitor",
                                          secret=BROWSER_STATE_LABEL)
-        gr.Markdown(HEADER.format(n=len(registry.get(registry.default).classes)), elem_id="header")
+        ctx.header = gr.Markdown(header(registry.get(registry.default), registry.default, shipped=True), elem_id="header")
         with gr.Accordion("Which species does it know?", open=False, elem_id="species-box"):
             ctx.species = gr.Markdown(species_list(registry.get(registry.default).classes), elem_id="species-list")
         with gr.Tab("Classify"):

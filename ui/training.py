@@ -340,8 +340,8 @@ def _stopped(registry: Models, deadline: float) -> str:
 
 
 def _epoch_records(event) -> list[dict]:
-    rows = [{"epoch": event.epoch, "value": float(event.loss), "metric": "training loss"},
-            {"epoch": event.epoch, "value": float(event.train_acc), "metric": "training accuracy"}]
+    rows = [{"epoch": event.epoch, "value": float(event.loss), "metric": "loss"},
+            {"epoch": event.epoch, "value": float(event.train_acc), "metric": "accuracy"}]
     if event.val_acc is not None:
         rows.append({"epoch": event.epoch, "value": float(event.val_acc), "metric": "validation accuracy"})
     return rows

@@ -10,7 +10,7 @@ from PIL import Image
 
 from resnext import display_name
 
-from .answers import open_photo, species, verdict_message
+from .answers import open_photo, species_sentence, verdict_message
 from .context import Ctx
 from .fixes import photo_input
 from .references import thumbnails
@@ -48,7 +48,8 @@ def build() -> TryIt:
                 label = gr.Label(label="Your model says", num_top_classes=5, elem_id="try-answer")
                 verdict = gr.Markdown(elem_id="try-verdict")
         gallery = gr.Gallery(label="Your validation photos: click one", columns=8, rows=1, height=170, allow_preview=False,
-                             elem_id="try-examples", buttons=[], object_fit="contain")
+                             elem_id="try-examples", buttons=[], object_fit="contain",
+                             elem_classes=["static-label", "photo-grid"])
     return TryIt(box, photo, label, verdict, gallery, gr.State([]))
 
 
@@ -65,7 +66,7 @@ def answer(ctx: Ctx, owner, model, image) -> tuple[dict | str, str]:
     (top,) = classifier.predict(photo, k=min(5, len(classifier.classes)))
     bars = {display_name(p.label): p.prob for p in top}
     if top.verdict == "species":
-        return bars, f"**{species(top[0].label)}** ({top[0].prob:.0%}): sure enough to say so."
+        return bars, species_sentence(classifier, top[0])
     return ("No bird found" if top.verdict == "not_a_bird" else bars), verdict_message(classifier, top)
 
 

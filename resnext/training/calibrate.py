@@ -201,8 +201,8 @@ def _bird_check(classifier: Classifier, start_below: float | None, photos: list)
     if lowest >= start_below:
         return start_below, f"the start model's; all {len(checked)} of the visitor's photos pass it"
     below = math.floor(lowest / 2 * 1e6) / 1e6
-    return below, (f"the start model's {start_below:g}, lowered to {below:g} so that all {len(checked)} of the "
-                   f"visitor's photos pass it ({passed:.0%} did)")
+    return below, (f"the start model's {start_below:.2f}, lowered to {below:.2f} so that all {len(checked)} of the "
+                   f"visitor's photos pass it ({passed:.0%} of them passed the start model's)")
 
 
 def _conv5(classifier: Classifier, photos: list, batch_size: int = 32, pooled: bool = False) -> Tensor:
