@@ -18,7 +18,7 @@ from PIL import Image, ImageFile
 
 from resnext import ImageLoadError, Preprocessing, display_name, load_image, save_checkpoint
 from resnext.data import DataError, TrainingLimits, load_dataset
-from resnext.transforms import DEEP_STRIP_ROWS, MAX_JPEG_SCANS, jpeg_scans, probe_image
+from resnext.imagefile import DEEP_STRIP_ROWS, MAX_JPEG_SCANS, jpeg_scans, probe_image
 
 from conftest import OWNER, make_shapes, tiny_model, train_request
 

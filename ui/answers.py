@@ -14,7 +14,7 @@ import gradio as gr
 from PIL import Image
 
 from resnext import Classifier, ImageLoadError, display_name
-from resnext.transforms import ANSWER_SIDE, load_photo, shrink_to_fit
+from resnext.imagefile import ANSWER_SIDE, load_photo, shrink_to_fit
 
 from .card import plain
 from .fixes import Unreadable, plain_reason

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..inference import Classifier
-from ..transforms import ANSWER_SIDE, load_image
+from ..imagefile import ANSWER_SIDE, load_image
 from ..verdict import VerdictRules, choose_unsure, default_unsure
 
 __all__ = ["Passes", "run_passes", "choose_rules", "combined", "bird_shot_maps", "fit_bird_head", "refit_locator", "rules_for_fine_tune"]

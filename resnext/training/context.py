@@ -20,7 +20,8 @@ from ..data import DataError, Dataset
 from ..evaluate import TOO_FEW_TO_JUDGE
 from ..fast import _cpu_has_bf16
 from ..model import ResNeXt
-from ..transforms import Preprocessing, load_image, probe_image
+from ..imagefile import load_image, probe_image
+from ..transforms import Preprocessing
 from .config import Progress, TrainConfig
 
 __all__ = [
