@@ -484,3 +484,17 @@ def test_a_photo_with_no_bird_names_no_species_alone_or_in_the_batch_table(tmp_p
             assert row[2:] == line[2:] == [""] * 6
         else:
             assert row[2] in named and line[2] in named
+
+
+def test_the_card_gives_its_verdict_thresholds_in_round_words(tmp_path):
+    """A fine-tuned card said "not a bird under 0.381476"."""
+    from conftest import red_is_no_bird
+    from resnext import load_checkpoint, load_classifier
+
+    (tmp_path / "m").mkdir()
+    model, info = load_checkpoint(red_is_no_bird(tmp_path / "m"))
+    rules = {"unsure_below": 0.3127, "bird_below": 0.381476, "find_below": 0.0, "crop_weight": 0.5, "source": "test"}
+    path = save_checkpoint(tmp_path / "odd.safetensors", model, info.classes, info.preprocessing, {"verdict": rules})
+    card = model_card(load_classifier(path, device="cpu"))
+    assert "0.381476" not in card and "bird score is under **0.38** (of 1)" in card
+    assert "\"not sure\" when its first answer is under **31%**" in card
