@@ -710,3 +710,16 @@ def test_words_a_first_time_visitor_follows(page, tmp_path):
     assert "frozen" not in tab and "a general photo model (ImageNet)" in tab and "random weights" in tab
     assert [display_name(n) for n in ("Clark_Nutcracker", "Chuck_will_Widow", "Geococcyx", "Anna_Hummingbird")] == [
         "Clark's Nutcracker", "Chuck-will's-widow", "Greater Roadrunner", "Anna's Hummingbird"]
+
+
+def test_a_new_photo_onto_one_shown_is_answered_once(page, tmp_path):
+    """Gradio fires the photo's change twice for an upload onto a photo already shown: every such
+    photo was answered twice (twice the server's work) and a broken file got "Warning (2)"."""
+    upload(page, photo(tmp_path, "first.jpg"))
+    wait_answer(page)
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    upload(page, empty)
+    page.locator(".toast-body").get_by_text("the file is empty").first.wait_for(timeout=30_000)
+    page.wait_for_timeout(2500)  # a second answer, if any, has arrived by now
+    assert page.locator(".toast-body").get_by_text("the file is empty").count() == 1

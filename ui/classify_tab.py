@@ -4,6 +4,7 @@ once. Widgets, their handlers and their events live here together."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import gradio as gr
@@ -12,10 +13,11 @@ from resnext import display_name, load_image
 
 from .answers import BATCH_HEADERS, METHOD_NAMES, PREDICTION, TOP1, Unusable, classify, page_label, reblend
 from .context import Ctx, example_species, examples, known_examples
-from .fixes import photo_input
+from .fixes import Unreadable, photo_input
 from .references import reference
 
 PRIVATE = {"api_visibility": "private"}
+REPEAT_S = 3.0  # the same photo "new" again within this many seconds is Gradio's second change event
 # The overlay, tiles and reference photos go out as JPEG, not Gradio's default WebP: a 1,280 px
 # overlay encodes in 3 ms instead of 97, with the same error against the drawn image.
 IMAGE_FORMAT = "jpeg"
@@ -47,6 +49,7 @@ class ClassifyTab:
     model: gr.Dropdown
     example_gallery: gr.Gallery
     refs: list  # a reference photo under each top-3 tile, where the model has one
+    last: gr.State = None  # (the photo last answered as new, when): see wire's new_photo
 
     def cleared(self) -> dict:
         return {self.label: page_label(), self.overlay: None, self.caption: "", self.explanation: None,
@@ -106,7 +109,8 @@ def build(ctx: Ctx) -> ClassifyTab:
     ctx.pickers.append(classify_model)
     ctx.target, ctx.top_k, ctx.example_box, ctx.example_gallery = target, top_k, example_box, example_gallery
     tab = ClassifyTab(photo, top3_row, top3_captions, label, overlay, caption, opacity, top3, gr.State(None), box_hint, clear_box, gr.State(None),
-                      method, many, table, csv_file, button, many_button, classify_model, example_gallery, refs)
+                      method, many, table, csv_file, button, many_button, classify_model, example_gallery, refs,
+                      gr.State(None))
     return tab
 
 
@@ -162,10 +166,18 @@ def wire(ctx: Ctx, tab: ClassifyTab) -> None:
         """A new photo, or "Use the whole photo": forget the box and answer for all of it."""
         return {**run(*values[:-1], None), tab.box: None, tab.box_hint: BOX_HINT, tab.clear_box: gr.Button(visible=False)}
 
-    def new_photo(name, owner, image, k, target, method, opacity, box):
+    def new_photo(name, owner, image, k, target, method, opacity, box, last):
         """A new photo: the whole of it, explained for its own top-1 (a class chosen for the last
-        photo would explain this one for a species it may give 0 %)."""
-        return {**whole_photo(name, owner, image, k, TOP1, method, opacity, box), ctx.target: TOP1}
+        photo would explain this one for a species it may give 0 %). Gradio 6.31 fires the photo's
+        change twice for every upload onto a photo already shown: the second, for the same file
+        within moments, is let go (it doubled the server's work and every warning)."""
+        key = image.reason if isinstance(image, Unreadable) else image
+        now = time.monotonic()
+        if image is not None and isinstance(last, (list, tuple)) and len(last) == 2 and last[0] == key \
+                and isinstance(last[1], float) and 0 <= now - last[1] < REPEAT_S:
+            return {}
+        updates = whole_photo(name, owner, image, k, TOP1, method, opacity, box)
+        return {**updates, ctx.target: TOP1, tab.last: None if image is None else (key, now)}
 
     def clicked(name, owner, image, k, target, method, opacity, box, evt: gr.SelectData):
         box, hint = corner(box, *evt.index[:2])
@@ -177,7 +189,7 @@ def wire(ctx: Ctx, tab: ClassifyTab) -> None:
     more = outputs + [tab.box_hint, tab.clear_box]
     on_answer = {**PRIVATE, "show_progress_on": [tab.label, tab.overlay]}  # never over the photo being clicked
     tab.button.click(run, inputs, outputs, **on_answer)
-    tab.photo.change(new_photo, inputs, more + [ctx.target], **on_answer).then(None, js=SCROLL_TO_ANSWER)  # upload, paste, example
+    tab.photo.change(new_photo, inputs + [tab.last], more + [ctx.target, tab.last], **on_answer).then(None, js=SCROLL_TO_ANSWER)  # upload, paste, example
     tab.photo.select(clicked, inputs, more, **on_answer)
     tab.clear_box.click(whole_photo, inputs, more, **on_answer)
     for control in (ctx.target, tab.method):
