@@ -61,6 +61,19 @@ def test_the_shared_teacher_file_is_the_documented_one():
     assert out.shape == (1, 1280, 3, 3) and torch.isfinite(out).all()
 
 
+def test_the_probe_is_fit_on_the_features_device():
+    """Distill mode crashed at once on CUDA: the probe was built on the CPU whatever the features'
+    device. Here every tensor made without a device lands on PyTorch's meta device, so a probe
+    made on the default device, not the features' (CPU), raises."""
+    teacher = Teacher(torch.nn.Identity(), num_classes=3)
+    labels = torch.arange(30) % 3
+    raw = torch.randn(30, 1280, generator=torch.Generator().manual_seed(0))
+    raw[:, :3] += 3 * torch.nn.functional.one_hot(labels, 3).float()
+    with torch.device("meta"):
+        accuracy = teacher.fit_probe(raw, labels)
+    assert accuracy == 1.0 and teacher.probe.weight.device.type == "cpu"
+
+
 def test_probe_fits_separable_features(trusted):
     teacher = Teacher(load_teacher_backbone(trusted), num_classes=3, size=32)
     gen = torch.Generator().manual_seed(0)

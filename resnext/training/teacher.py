@@ -91,7 +91,7 @@ class Teacher(nn.Module):
         self.mean.copy_(raw.mean(0))
         self.std.copy_(raw.std(0).clamp_min(1e-6))
         x = (raw - self.mean) / self.std
-        probe = nn.Linear(x.shape[1], self.probe.out_features)
+        probe = nn.Linear(x.shape[1], self.probe.out_features, device=x.device)  # on the features' device (CUDA crashed)
         nn.init.zeros_(probe.weight)
         nn.init.zeros_(probe.bias)
         optimizer = torch.optim.LBFGS(probe.parameters(), lr=1, max_iter=steps, history_size=20,
