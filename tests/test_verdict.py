@@ -413,3 +413,27 @@ def test_choose_rules_lets_at_most_one_percent_of_each_bird_group_through():
     for group in (own, others):
         assert float((group.bird < rules.bird_below).float().mean()) <= 0.01
     assert 0.2 < rules.bird_below < 0.22  # their 1% quantile; 1% of all 500 (0.232) would let 5% of them through
+
+
+def test_a_fine_tunes_unsure_threshold_falls_between_its_right_and_wrong_answers(monkeypatch):
+    """With 5 right and 5 wrong validation answers the threshold is chosen on them: right answers
+    at 80-90 % and wrong ones at 40-48 % put it between the two (given the two lists swapped, it
+    fell to the lowest possible, 0.05; no fine-tune in the suite had 5 of each)."""
+    import resnext.training.calibrate as calibrate
+    from conftest import tiny_model
+
+    labels = [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
+    right = [0.80, 0.82, 0.84, 0.86, 0.90]
+    wrong = [0.40, 0.42, 0.44, 0.46, 0.48]  # over 1/3: each still the top-1 among three
+    probs = torch.full((10, 3), 0.0)
+    for i, (y, p) in enumerate(zip(labels, right + wrong)):
+        top = y if i < 5 else (y + 1) % 3  # the first five right, the last five wrong
+        probs[i] = (1 - p) / 2
+        probs[i, top] = p
+    monkeypatch.setattr(calibrate, "run_passes", lambda classifier, photos: None)
+    monkeypatch.setattr(calibrate, "combined", lambda passes, rules: probs)
+    monkeypatch.setattr(calibrate, "_bird_check", lambda classifier, below, photos: (None, "off"))
+    val = [(f"photo{i}.png", y) for i, y in enumerate(labels)]
+    rules = calibrate.rules_for_fine_tune(tiny_model(3), ["a", "b", "c"], Preprocessing(64, 72), val, None)
+    assert 0.48 < rules.unsure_below <= 0.80, rules.unsure_below
+    assert "validation" in rules.source
