@@ -348,3 +348,41 @@ def test_a_fine_tune_carries_the_start_models_detector_unchanged(shapes, tmp_pat
         original = load_checkpoint(start)[0].detector.state_dict()
         for name, tensor in tuned.detector.state_dict().items():
             assert torch.equal(tensor, original[name]), (mode, name)
+
+
+def test_quick_mode_keeps_the_head_of_the_epoch_it_reports():
+    """With 30+ validation photos the best epoch is chosen on them: the head returned must be that
+    epoch's, not the last one's (no run in the suite had 30 validation photos, so keeping the last
+    head while reporting the best epoch's accuracy went unseen). Here the head starts right on
+    every validation photo and is then taught the wrong names: best epoch 1, last epoch 0 %."""
+    import time
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from resnext.training import quick
+    from resnext.training.context import summarise
+
+    gen = torch.Generator().manual_seed(0)
+    prototypes = torch.zeros(3, 16)
+    prototypes[:, :3] = 5 * torch.eye(3)
+    y_val, y_train = torch.arange(36) % 3, torch.arange(72) % 3
+    x_val = prototypes[y_val] + 0.1 * torch.randn(36, 16, generator=gen)
+    x_train = prototypes[y_train] + 0.1 * torch.randn(72, 16, generator=gen)
+    fc = nn.Linear(16, 3)
+    with torch.no_grad():
+        fc.weight.copy_(prototypes / 5)
+        fc.bias.zero_()
+    config = SimpleNamespace(lr=0.05, weight_decay=0.0, batch_size=16, epochs=12, warmup_epochs=0.0,
+                             label_smoothing=0.0, seed=0)
+    ctx = SimpleNamespace(config=config, classes=["a", "b", "c"], model=SimpleNamespace(fc=fc), stop=lambda: False,
+                          progress=lambda *a, **k: None, start=time.perf_counter())
+    run = quick._train_head(ctx, x_train, (y_train + 1) % 3, x_val, y_val)
+    with pytest.raises(StopIteration) as done:
+        while True:
+            next(run)
+    head, history, best = done.value.value
+    assert history[0]["val_acc"] == 1.0 and history[-1]["val_acc"] == 0.0 and best.epoch == 1
+    with torch.no_grad():
+        kept = (head(x_val).argmax(1) == y_val).float().mean().item()
+    assert kept == summarise(best.confusion, ctx.classes)[0] == 1.0
