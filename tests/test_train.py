@@ -205,6 +205,9 @@ def test_torchrun_with_two_gloo_processes(shapes, start, tmp_path):
     trained, started = load_checkpoint(out)[0], load_checkpoint(start)[0]
     assert not torch.equal(trained.conv5[0].conv2.weight, started.conv5[0].conv2.weight)  # the two ranks trained it
     assert run.stdout.count("wrote ") == 1  # one process writes
+    # each validation photo judged once across the two ranks (a wrong shard reported "7 of 10" for 9)
+    judged = re.search(r"validation: (\d+) of (\d+) validation photos", run.stdout)
+    assert judged and int(judged.group(2)) == len(load_dataset(shapes).val), run.stdout[-500:]
 
 
 def test_crop_fraction_and_eval_size_are_shipped(shapes, start):
