@@ -4,6 +4,7 @@ once. Widgets, their handlers and their events live here together."""
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -49,7 +50,6 @@ class ClassifyTab:
     model: gr.Dropdown
     example_gallery: gr.Gallery
     refs: list  # a reference photo under each top-3 tile, where the model has one
-    last: gr.State = None  # (the photo last answered as new, when): see wire's new_photo
 
     def cleared(self) -> dict:
         return {self.label: page_label(), self.overlay: None, self.caption: "", self.explanation: None,
@@ -109,8 +109,7 @@ def build(ctx: Ctx) -> ClassifyTab:
     ctx.pickers.append(classify_model)
     ctx.target, ctx.top_k, ctx.example_box, ctx.example_gallery = target, top_k, example_box, example_gallery
     tab = ClassifyTab(photo, top3_row, top3_captions, label, overlay, caption, opacity, top3, gr.State(None), box_hint, clear_box, gr.State(None),
-                      method, many, table, csv_file, button, many_button, classify_model, example_gallery, refs,
-                      gr.State(None))
+                      method, many, table, csv_file, button, many_button, classify_model, example_gallery, refs)
     return tab
 
 
@@ -133,6 +132,28 @@ def answer(ctx: Ctx, tab: ClassifyTab, name, owner, image, k, target, method, op
             **{tile: img for tile, (img, _) in zip(tab.top3, shown.top3)},
             **{cap: text for cap, (_, text) in zip(tab.top3_captions, shown.top3)},
             **{ref: gr.Image(value=path and load_image(path), visible=path is not None) for ref, path in zip(tab.refs, refs)}}
+
+
+class Repeats:
+    """Gradio 6.31 fires the photo's change twice for every upload onto a photo already shown, and
+    the two may run at once: every such photo was answered twice (twice the server's work) and a
+    broken file warned twice. The second for the same visitor and file within :data:`REPEAT_S` is
+    let go; kept per visitor on the server, as a per-session State is read by both at once."""
+
+    def __init__(self):
+        self.lock, self.last = threading.Lock(), {}
+
+    def seen(self, owner, image) -> bool:
+        """Whether ``owner`` was just answered for ``image``; records this answer if not."""
+        if owner is None or image is None:
+            return False
+        key, now = (image.reason if isinstance(image, Unreadable) else str(image)), time.monotonic()
+        with self.lock:
+            if len(self.last) > 10_000:  # forget visitors who left
+                self.last = {o: v for o, v in self.last.items() if now - v[1] < REPEAT_S}
+            previous = self.last.get(owner)
+            self.last[owner] = (key, now)
+        return previous is not None and previous[0] == key and now - previous[1] < REPEAT_S
 
 
 def corner(box, x: float, y: float) -> tuple[dict, str]:
@@ -166,18 +187,14 @@ def wire(ctx: Ctx, tab: ClassifyTab) -> None:
         """A new photo, or "Use the whole photo": forget the box and answer for all of it."""
         return {**run(*values[:-1], None), tab.box: None, tab.box_hint: BOX_HINT, tab.clear_box: gr.Button(visible=False)}
 
-    def new_photo(name, owner, image, k, target, method, opacity, box, last):
+    repeats = Repeats()
+
+    def new_photo(name, owner, image, k, target, method, opacity, box):
         """A new photo: the whole of it, explained for its own top-1 (a class chosen for the last
-        photo would explain this one for a species it may give 0 %). Gradio 6.31 fires the photo's
-        change twice for every upload onto a photo already shown: the second, for the same file
-        within moments, is let go (it doubled the server's work and every warning)."""
-        key = image.reason if isinstance(image, Unreadable) else image
-        now = time.monotonic()
-        if image is not None and isinstance(last, (list, tuple)) and len(last) == 2 and last[0] == key \
-                and isinstance(last[1], float) and 0 <= now - last[1] < REPEAT_S:
+        photo would explain this one for a species it may give 0 %)."""
+        if repeats.seen(owner, image):
             return {}
-        updates = whole_photo(name, owner, image, k, TOP1, method, opacity, box)
-        return {**updates, ctx.target: TOP1, tab.last: None if image is None else (key, now)}
+        return {**whole_photo(name, owner, image, k, TOP1, method, opacity, box), ctx.target: TOP1}
 
     def clicked(name, owner, image, k, target, method, opacity, box, evt: gr.SelectData):
         box, hint = corner(box, *evt.index[:2])
@@ -189,7 +206,7 @@ def wire(ctx: Ctx, tab: ClassifyTab) -> None:
     more = outputs + [tab.box_hint, tab.clear_box]
     on_answer = {**PRIVATE, "show_progress_on": [tab.label, tab.overlay]}  # never over the photo being clicked
     tab.button.click(run, inputs, outputs, **on_answer)
-    tab.photo.change(new_photo, inputs + [tab.last], more + [ctx.target, tab.last], **on_answer).then(None, js=SCROLL_TO_ANSWER)  # upload, paste, example
+    tab.photo.change(new_photo, inputs, more + [ctx.target], **on_answer).then(None, js=SCROLL_TO_ANSWER)  # upload, paste, example
     tab.photo.select(clicked, inputs, more, **on_answer)
     tab.clear_box.click(whole_photo, inputs, more, **on_answer)
     for control in (ctx.target, tab.method):
