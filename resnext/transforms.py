@@ -19,25 +19,9 @@ from PIL import Image, ImageFilter
 from .imagefile import (ANSWER_SIDE, MAX_ASPECT, MAX_JPEG_SCANS, MAX_PIXELS, ImageHeader, ImageInput,  # noqa: F401
                         ImageLoadError, load_image, load_photo, probe_image, shrink_to_fit, to_rgb)
 
-__all__ = [
-    "ANSWER_SIDE",
-    "ImageHeader",
-    "ImageInput",
-    "ImageLoadError",
-    "MAX_ASPECT",
-    "MAX_JPEG_SCANS",
-    "MAX_PIXELS",
-    "Preprocessing",
-    "load_image",
-    "load_photo",
-    "probe_image",
-    "shrink_to_fit",
-    "to_rgb",
-    "check_box",
-    "shift_box",
-    "sub_box",
-    "wider_shot",
-]
+__all__ = ["ANSWER_SIDE", "ImageHeader", "ImageInput", "ImageLoadError", "MAX_ASPECT", "MAX_JPEG_SCANS", "MAX_PIXELS",
+           "Preprocessing", "check_box", "load_image", "load_photo", "probe_image", "shift_box", "shrink_to_fit",
+           "sub_box", "to_rgb", "wider_shot"]
 
 # The largest network input a checkpoint may ask for: 4.7x the usual 224 px per side. An input of
 # 6,000 px made a tiny model cost 1.8 GB and 8 s per answer.

@@ -236,8 +236,8 @@ class Models:
             if nbytes > disk_free:
                 raise StorageFull(f"The server's disk is full: {what} needs {_size(nbytes)} and {_size(max(0, disk_free))} "
                                   "is free. Try again later.")
-            self.make_room(self.limits.disk_bytes - self._reserved - nbytes)
-            room = self.limits.disk_bytes - self._reserved - self.disk_use()
+            used = self.make_room(self.limits.disk_bytes - self._reserved - nbytes)
+            room = self.limits.disk_bytes - self._reserved - used
             if nbytes > room:
                 raise StorageFull(f"The server's storage is full: {what} needs {_size(nbytes)} and {_size(max(0, room))} "
                                   f"of its {_size(self.limits.disk_bytes)} are free. Try again later, or with fewer or smaller files.")
@@ -248,15 +248,16 @@ class Models:
             with self._room:
                 self._reserved -= nbytes
 
-    def make_room(self, target: int | None = None, now: float | None = None) -> None:
+    def make_room(self, target: int | None = None, now: float | None = None) -> int:
         """Bring the work folder under ``target`` bytes (default :attr:`Limits.disk_bytes`) by removing
         API deliveries, exports and Gradio's cached copies, oldest first. Visitors' saved models and
         the operator's ``models/`` are never removed for room (a visitor's go a week after they last
-        used them: :meth:`tidy`), nor is anything younger than :data:`FRESH_S` (on its way to someone)."""
+        used them: :meth:`tidy`), nor is anything younger than :data:`FRESH_S` (on its way to someone).
+        Returns the bytes the work folder holds afterwards."""
         target = self.limits.disk_bytes if target is None else target
         total = self.disk_use()
         if total <= target:
-            return
+            return total
         young = (now or time.time()) - FRESH_S
         candidates = [(_stat(p), p) for folder in TRANSIENT for p in _files(self.workdir / folder)
                       if not self._is_example(p)]
@@ -265,6 +266,7 @@ class Models:
                 break
             total -= size
             self.forget(path)
+        return total
 
     def _is_example(self, path: Path) -> bool:
         """Gradio's cached copy of an example photo (its name and size): served for as long as the app runs."""
