@@ -13,7 +13,7 @@ import gradio as gr
 from resnext import display_name, load_image
 
 from .answers import BATCH_HEADERS, METHOD_NAMES, PREDICTION, TOP1, Unusable, classify, page_label, reblend
-from .context import Ctx, example_species, examples, known_examples
+from .context import Ctx, example_caption, examples, known_examples
 from .fixes import Unreadable, photo_input
 from .references import reference
 
@@ -168,7 +168,7 @@ def pick_example(evt: gr.SelectData):
     """The example clicked, found by its caption (the gallery shows only the model's own species)."""
     caption = (evt.value or {}).get("caption") if isinstance(evt.value, dict) else None
     for path in examples():
-        if example_species(path).title() == caption:
+        if example_caption(path) == caption:
             return path
     raise gr.Error("Pick one of the example photos shown.")
 

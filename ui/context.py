@@ -33,11 +33,16 @@ def example_species(path: str) -> str:
     return Path(path).stem.replace("_", " ").lower()
 
 
+def example_caption(path: str) -> str:
+    """What an example photo is captioned with in the gallery: its species, ``Blue Jay``."""
+    return example_species(path).title()
+
+
 def known_examples(classes: list[str]) -> list[tuple[str, str]]:
     """The example photos of species the model knows, as (path, caption): a model that does not
     know a species would only answer "not sure" or a wrong name for its photo."""
     known = {display_name(c).replace("-", " ").lower() for c in classes}
-    return [(p, example_species(p).title()) for p in examples() if example_species(p).replace("-", " ") in known]
+    return [(p, example_caption(p)) for p in examples() if example_species(p).replace("-", " ") in known]
 
 
 HEADER = ("# Bird species from a photo\nDrop a photo of a bird: the app names its species, says so when it is not "

@@ -3,7 +3,6 @@ the photo input that reads uploads gently."""
 
 from __future__ import annotations
 
-import errno
 import os
 import tempfile
 from dataclasses import dataclass
@@ -14,6 +13,8 @@ from gradio import processing_utils
 from PIL import Image
 
 from resnext import ImageLoadError, load_image
+
+from .state import disk_full
 
 _original_save_pil_to_cache = processing_utils.save_pil_to_cache
 
@@ -49,7 +50,7 @@ def save_pil_to_cache(img: Image.Image, cache_dir: str, name: str = "image", for
         os.replace(staging, target)
     except OSError as err:  # a full disk: no half-written file stays, and the visitor reads why
         Path(staging).unlink(missing_ok=True)
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        if disk_full(err):
             raise gr.Error("The server's disk is full, so the answer's pictures cannot be sent. Try again later.") from None
         raise
     return str(target)

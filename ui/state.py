@@ -16,6 +16,7 @@ storage has their models.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import os
@@ -48,6 +49,11 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"  # the example photos
 
 class StorageFull(RuntimeError):
     """No room for a write under the work folder's cap (or on the disk): the message says so plainly."""
+
+
+def disk_full(err: OSError) -> bool:
+    """Whether a failed write failed for want of space (the disk, or the user's quota on it)."""
+    return err.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@ slot, and report honestly. Plain functions and a generator of :class:`TrainView`
 
 from __future__ import annotations
 
-import errno
 import html
 import os
 import shutil
@@ -20,7 +19,7 @@ from resnext import display_name
 from resnext.evaluate import TOO_FEW_TO_JUDGE
 
 from .card import plain
-from .state import SLOT, Models, StorageFull, removed_message, safe_name
+from .state import SLOT, Models, StorageFull, disk_full, removed_message, safe_name
 from .references import save_references
 from .try_it import validation_photos
 from .webcam import MAX_PHOTOS_PER_CLASS
@@ -129,7 +128,7 @@ def storage():
     except StorageFull as err:
         raise gr.Error(str(err)) from None
     except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not disk_full(err):
             raise
         raise gr.Error(DISK_FULL) from None
 
@@ -152,9 +151,9 @@ def load_data(registry: Models, src: Path, job: Path, should_stop=None):
     try:
         if src.suffix.lower() != ".zip":
             return load_dataset(src, should_stop=should_stop)
-        declared = unpacked_size(src)
-        with storage(), registry.reserving(min(declared, ZipLimits.max_bytes), "unpacking this zip"):
-            limits = ZipLimits(max_bytes=min(declared, ZipLimits.max_bytes))  # a zip that lies about its size stops there
+        declared = min(unpacked_size(src), ZipLimits.max_bytes)
+        with storage(), registry.reserving(declared, "unpacking this zip"):
+            limits = ZipLimits(max_bytes=declared)  # a zip that lies about its size stops there
             return load_dataset(src, workdir=job / "unzipped", should_stop=should_stop, zip_limits=limits)
     except LoadingStopped:
         return None
@@ -316,7 +315,7 @@ def _train(registry: Models, request: TrainRequest, data, should_stop, deadline:
                 yield TrainView(_progress_line(event, request.mode),
                                 history=pd.DataFrame(records) if records and event.stage == "epoch" else None)
     except OSError as err:  # a full disk in plain words; a read-only folder as it is
-        raise gr.Error(DISK_FULL if err.errno in (errno.ENOSPC, errno.EDQUOT) else str(err)) from None
+        raise gr.Error(DISK_FULL if disk_full(err) else str(err)) from None
     except (RuntimeError, ValueError) as err:
         raise gr.Error(str(err)) from None
     except MemoryError:
