@@ -12,7 +12,8 @@ code, as unpickling a ``.pt`` file can. The header's ``__metadata__`` carries on
                        "interpolation": "bilinear"},
      "provenance": {"data": ..., "epochs": ..., "metrics": {...}, "date": ...}}
 
-Floating-point weights are stored as fp16 (half the file) and loaded back into fp32.
+Floating-point weights are stored as fp16 (half the file) and loaded back into fp32. Sharded
+checkpoints (several files and an index with the same metadata): :mod:`resnext.shards`.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ METADATA_KEY = "resnext"
 # A ResNeXt-101's header is ~60 kB; a 100-class list adds a few kB. Anything far larger is not ours.
 MAX_HEADER_BYTES = 4 * 1024 * 1024
 STORED_DTYPES = {"F16": 2, "BF16": 2, "F32": 4}  # what a floating-point weight may be stored as
+INDEX_SUFFIX = ".index.json"  # a path ending so names a sharded checkpoint's index
 
 
 @dataclass(frozen=True)
@@ -100,15 +102,18 @@ def save_checkpoint(
     classes: list[str],
     preprocessing: Preprocessing | None = None,
     provenance: dict | None = None,
+    max_shard_mb: float | None = None,
 ) -> Path:
     """Write ``model`` and its metadata to ``path`` atomically (temp file, then rename).
 
     Floating-point tensors are stored as fp16, except a tensor whose values would overflow fp16,
-    which stays fp32. ``provenance`` gets a ``date`` if it has none.
+    which stays fp32. ``provenance`` gets a ``date`` if it has none. With ``max_shard_mb``, weights
+    over that many MiB go to shards and an index, whose path is returned (:func:`.shards.save_shards`).
 
     Raises:
         ValueError: ``classes`` does not match the model's output count, is not unique, or has a
-            name the loader would refuse (empty, or over ``max_class_name`` characters).
+            name the loader would refuse (empty, or over ``max_class_name`` characters), or
+            ``max_shard_mb`` is not a positive number or is too small for a tensor.
         OSError: the file cannot be written (a full disk: nothing is left behind).
     """
     path = Path(path)
@@ -129,34 +134,44 @@ def save_checkpoint(
             half = tensor.half()
             tensor = half if torch.isfinite(half).all() else tensor.float()
         tensors[name] = tensor.contiguous()
+    if max_shard_mb is not None:
+        from .shards import save_shards  # imported here: shards builds on this module
+        if (index := save_shards(path, tensors, metadata, max_shard_mb)) is not None:
+            return index
+    return _write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
+
+def _write_atomic(path: Path, write, rename: bool = True) -> Path:
+    """``write(tmp)`` to a hidden file beside ``path``, then renamed over it; with ``rename=False``, its path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half
-    except SafetensorError as err:  # a full disk, as safetensors words it
+        write(tmp)
+        if rename:
+            os.replace(tmp, path)
+    except BaseException as err:  # nothing is left behind
         Path(tmp).unlink(missing_ok=True)
-        raise OSError(errno.ENOSPC if "No space" in str(err) else errno.EIO, f"{path.name}: cannot write the model ({err})") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, SafetensorError):  # a full disk, as safetensors words it
+            raise OSError(errno.ENOSPC if "No space" in str(err) else errno.EIO, f"{path.name}: cannot write the model ({err})") from None
         raise
-    return path
+    return path if rename else Path(tmp)
 
 
 def read_metadata(path: str | os.PathLike, limits: CheckpointLimits = LIMITS) -> CheckpointInfo:
     """Read and validate a checkpoint's metadata without loading its weights: every declared
     number is checked for its type and against ``limits``, and the verdict rules it carries are
-    read, so a file that passes can be built without surprises.
+    read, so a file that passes can be built without surprises (from a sharded checkpoint's index alone).
 
     Raises:
         FileNotFoundError: no file at ``path``.
         ValueError: not a safetensors file, a damaged header, missing or malformed metadata, or a
             declared size over a limit; the message names the field and the limit.
     """
+    from .shards import read_index  # imported here: shards builds on this module
     path = Path(path)
-    return _parse_metadata(path, _read_header(path), limits)
+    header = read_index(path).header if path.name.endswith(INDEX_SUFFIX) else _read_header(path)
+    return _parse_metadata(path, header, limits)
 
 
 def _parse_metadata(path: Path, header: dict, limits: CheckpointLimits) -> CheckpointInfo:
@@ -292,21 +307,31 @@ def load_checkpoint(path: str | os.PathLike, limits: CheckpointLimits = LIMITS) 
     """Rebuild the model (fp32, eval mode, on the CPU) and its metadata from ``path``.
 
     Nothing is allocated before the metadata has passed :func:`read_metadata`'s checks and every
-    tensor the header declares has the name, shape and dtype the architecture needs.
+    tensor the header declares has the name, shape and dtype the architecture needs (in every
+    shard of a sharded checkpoint, which must also have the size and sha256 its index lists).
 
     Raises:
-        FileNotFoundError: no file at ``path``.
+        FileNotFoundError: no file at ``path`` (or no shard its index names).
         ValueError: anything wrong with the file: not safetensors, truncated, malformed
             metadata, a size over ``limits``, or tensors that do not fit the architecture it declares.
     """
+    from .shards import load_shards, read_index  # imported here: shards builds on this module
     path = Path(path)
-    header = _read_header(path)
+    index = read_index(path) if path.name.endswith(INDEX_SUFFIX) else None
+    header = index.header if index is not None else _read_header(path)
     info = _parse_metadata(path, header, limits)
     with torch.device("meta"):  # shapes only: no memory is allocated
         expected = {k: tuple(v.shape) for k, v in build_model(info.architecture).state_dict().items()
                     if not k.endswith("num_batches_tracked")}
-    _check_declared_tensors(path, header, expected)
+    tensors = load_shards(index, expected) if index is not None else _load_tensors(path, expected, header)
     model = build_model(info.architecture)
+    model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    return model.eval(), info
+
+
+def _load_tensors(path: Path, expected: dict[str, tuple], header: dict) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file at ``path``, once its ``header`` declares what ``expected`` needs."""
+    _check_declared_tensors(path, header, expected)
     try:
         tensors = load_file(path)
     except (SafetensorError, OSError, ValueError) as err:
@@ -314,8 +339,7 @@ def load_checkpoint(path: str | os.PathLike, limits: CheckpointLimits = LIMITS) 
     for name, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
             raise ValueError(f"{path}: tensor {name} holds NaN or infinite values")
-    model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
-    return model.eval(), info
+    return tensors
 
 
 def _check_declared_tensors(path: Path, header: dict, expected: dict[str, tuple]) -> None:
