@@ -47,11 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--json", action="store_true")
     evaluate.add_argument("--device", default="auto")
 
+    pack = commands.add_parser("pack", help="every photo the v6 recipe trains on, in one small file to copy")
+    pack.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared",
+                      help="the shared folder with data/ (default: ../shared)")
+    pack.add_argument("--out", required=True, metavar="FILE", help="the pack to write (.safetensors)")
+    pack.add_argument("--max-mb", type=float, default=48.0, metavar="MB", help="size cap (default 48)")
+
     args = parser.parse_args(argv)
     if args.command == "predict" and args.topk < 1:
         parser.error(f"--topk must be at least 1, got {args.topk}")
     try:
-        return {"predict": _predict, "info": _info, "train": _train, "evaluate": _evaluate}[args.command](args)
+        return {"predict": _predict, "info": _info, "train": _train, "evaluate": _evaluate, "pack": _pack}[args.command](args)
     except (OSError, ValueError, RuntimeError) as err:  # bad data, checkpoint, device, download, a failed write
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
@@ -237,6 +243,19 @@ def _evaluate(args: argparse.Namespace) -> int:
           + f"; found the bird and looked closer in {report['found_bird']:.1%}")
     for label, acc in sorted(report["per_class"].items(), key=lambda kv: -kv[1]):
         print(f"  {acc:7.1%}  {display_name(label)}  ({report['counts'][label]})")
+    return 0
+
+
+def _pack(args: argparse.Namespace) -> int:
+    import math
+
+    from .pack import pack_entries, write_pack
+
+    if not (math.isfinite(args.max_mb) and args.max_mb > 0):
+        print(f"error: --max-mb must be a positive number, got {args.max_mb}", file=sys.stderr)
+        return 2
+    entries, classes = pack_entries(args.shared)
+    print(write_pack(args.out, entries, classes, max_mb=args.max_mb).summary())
     return 0
 
 
