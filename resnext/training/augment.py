@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -67,37 +66,39 @@ def coverage(box: tuple[float, float, float, float] | None, cells: int) -> Tenso
     return (overlap(top, bottom)[:, None] * overlap(left, right)[None, :]).clamp(0, 1)
 
 
-def synthetic_nonphoto(size: int, generator: torch.Generator | None = None) -> Tensor:
+def synthetic_nonphoto(size: int, generator: torch.Generator | None = None, device: torch.device | None = None) -> Tensor:
     """A made-up non-photo, float (3, size, size) in [0, 1]: noise, a gradient, stripes, shapes,
-    a flat colour or a blurred blob field: things a visitor may upload that hold no bird."""
+    a flat colour or a blurred blob field: things a visitor may upload that hold no bird. Made on
+    ``device`` (``generator`` must be on it too; default: the CPU)."""
     g = generator
-    kind = int(torch.randint(0, 6, (1,), generator=g))
-    colour = lambda: torch.rand(3, 1, 1, generator=g)  # noqa: E731
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    kind = int(torch.randint(0, 6, (1,), generator=g, device=device))
+    colour = lambda: torch.rand(3, 1, 1, generator=g, device=device)  # noqa: E731
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size, device=device), torch.linspace(0, 1, size, device=device), indexing="ij")
     if kind == 0:  # noise, coarse or fine
-        cell = int(torch.randint(1, 16, (1,), generator=g))
-        x = torch.rand(3, math.ceil(size / cell), math.ceil(size / cell), generator=g)
+        cell = int(torch.randint(1, 16, (1,), generator=g, device=device))
+        x = torch.rand(3, math.ceil(size / cell), math.ceil(size / cell), generator=g, device=device)
         return F.interpolate(x[None], size=(size, size), mode="nearest")[0]
     if kind == 1:  # a linear gradient between two colours
-        angle = float(torch.rand((), generator=g)) * math.tau
+        angle = float(torch.rand((), generator=g, device=device)) * math.tau
         t = (xx * math.cos(angle) + yy * math.sin(angle)).sub(-1.5).div(3)
         return colour() * (1 - t) + colour() * t
     if kind == 2:  # stripes or a checkerboard
-        period = float(torch.randint(4, size // 2, (1,), generator=g))
-        stripes = ((xx * size / period).floor() + (yy * size / period).floor() * int(torch.randint(0, 2, (1,), generator=g))) % 2
+        period = float(torch.randint(4, size // 2, (1,), generator=g, device=device))
+        checks = int(torch.randint(0, 2, (1,), generator=g, device=device))
+        stripes = ((xx * size / period).floor() + (yy * size / period).floor() * checks) % 2
         return colour() * stripes + colour() * (1 - stripes)
     if kind == 3:  # flat colour
         return colour().expand(3, size, size).clone()
     if kind == 4:  # rectangles and discs on a flat background
         x = colour().expand(3, size, size).clone()
-        for _ in range(int(torch.randint(1, 8, (1,), generator=g))):
-            cx, cy, r = torch.rand(3, generator=g).tolist()
+        for _ in range(int(torch.randint(1, 8, (1,), generator=g, device=device))):
+            cx, cy, r = torch.rand(3, generator=g, device=device).tolist()
             r = 0.05 + 0.3 * r
-            mask = ((xx - cx) ** 2 + (yy - cy) ** 2 < r**2) if torch.rand((), generator=g) < 0.5 else \
+            mask = ((xx - cx) ** 2 + (yy - cy) ** 2 < r**2) if torch.rand((), generator=g, device=device) < 0.5 else \
                 ((xx - cx).abs() < r) & ((yy - cy).abs() < r * 0.6)
             x = torch.where(mask, colour(), x)
         return x
-    blobs = torch.rand(3, 4, 4, generator=g)  # smooth colour field
+    blobs = torch.rand(3, 4, 4, generator=g, device=device)  # smooth colour field
     return F.interpolate(blobs[None], size=(size, size), mode="bicubic", align_corners=False)[0].clamp(0, 1)
 
 
@@ -105,17 +106,22 @@ def cutmix(x: Tensor, share: float, generator: torch.Generator | None = None) ->
     """CutMix within a batch (Yun et al., 2019): about ``share`` of the views (B, C, S, S) get a
     box of another view of the batch pasted in, its area a uniform 0..1 of the frame (side
     sqrt of it), anywhere. Changes ``x`` in place; returns which views were mixed (B,) bool.
-    Views are taken from a copy, so a view pasted into another is its original self."""
+    Views are taken from a copy, so a view pasted into another is its original self. Batched:
+    one mask for the batch, on ``x``'s device (``generator`` must be on it too)."""
     n, _, height, width = x.shape
-    mixed = torch.rand(n, generator=generator) < share
+    dev, g = x.device, generator
+    mixed = torch.rand(n, generator=g, device=dev) < share
     if n < 2 or not mixed.any():
-        return torch.zeros(n, dtype=torch.bool)
-    source = x.clone()
-    partners = (torch.arange(n) + torch.randint(1, n, (n,), generator=generator)) % n  # never itself
-    for i in mixed.nonzero().flatten().tolist():
-        side = math.sqrt(float(torch.rand((), generator=generator)))
-        h, w = max(1, round(side * height)), max(1, round(side * width))
-        top = int(torch.randint(0, height - h + 1, (), generator=generator))
-        left = int(torch.randint(0, width - w + 1, (), generator=generator))
-        x[i, :, top : top + h, left : left + w] = source[partners[i], :, top : top + h, left : left + w]
+        return torch.zeros(n, dtype=torch.bool, device=dev)
+    partners = (torch.arange(n, device=dev) + torch.randint(1, n, (n,), generator=g, device=dev)) % n  # never itself
+    side = torch.rand(n, generator=g, device=dev).sqrt()
+    h, w = (side * height).round().clamp_min(1), (side * width).round().clamp_min(1)
+    top = (torch.rand(n, generator=g, device=dev) * (height - h + 1)).floor()
+    left = (torch.rand(n, generator=g, device=dev) * (width - w + 1)).floor()
+    rows = torch.arange(height, device=dev)[None]
+    cols = torch.arange(width, device=dev)[None]
+    inside_y = (rows >= top[:, None]) & (rows < (top + h)[:, None])
+    inside_x = (cols >= left[:, None]) & (cols < (left + w)[:, None])
+    mask = (inside_y[:, :, None] & inside_x[:, None, :] & mixed[:, None, None])[:, None]
+    x.copy_(torch.where(mask, x[partners], x))
     return mixed

@@ -68,6 +68,7 @@ class TrainConfig:
     # ("function matching", Beyer et al., 2022): its probe's answer and its features on the mixed view
     cutmix: float = 0.0
     snapshot: str | None = None  # distill mode: write each epoch's weights here
+    minutes: float | None = None  # distill mode: train this long, its schedule by the clock (see training/clock.py)
 
     def resolved(self) -> "TrainConfig":
         if self.mode not in MODES:
@@ -90,6 +91,10 @@ class TrainConfig:
         for name in ("batch_size", "views"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.minutes is not None and not 0 < self.minutes <= 7 * 24 * 60:
+            raise ValueError(f"minutes must be more than 0 and at most a week (10080), got {self.minutes}")
+        if self.minutes is not None and self.mode != "distill":
+            raise ValueError(f"minutes sets distill mode's schedule; {self.mode} mode counts epochs")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
         if self.crop_fraction is not None and not 0.3 <= self.crop_fraction <= 1.0:

@@ -14,7 +14,6 @@ surroundings); the locator learns the covered fraction of each conv5 cell.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -23,9 +22,11 @@ from torch import Tensor, nn
 
 from ..data import IMAGE_EXTENSIONS
 from ..transforms import Preprocessing, load_image, wider_shot
-from .augment import coverage, cutmix, synthetic_nonphoto, zoom_out
-from .context import Best, Context, decode, eta, evaluate_tensors, freeze, freeze_batchnorm, lr_factor, summarise
+from .augment import cutmix
+from .clock import Clock
+from .context import Best, Context, evaluate_tensors, freeze, freeze_batchnorm, summarise
 from .teacher import Teacher, load_teacher_backbone
+from .views import BatchViews, coverage_batch, load_pool
 
 __all__ = ["run", "image_files"]
 
@@ -36,42 +37,6 @@ def image_files(folders) -> list[Path]:
     for folder in folders:
         out += sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     return out
-
-
-class _Views:
-    """Augmented views of in-memory uint8 images at the teacher's size, with the bird's box."""
-
-    def __init__(self, size: int, pre: Preprocessing, config, backgrounds: list[Tensor], generator: torch.Generator):
-        from torchvision.transforms import v2
-
-        self.size, self.config, self.backgrounds, self.g = size, config, backgrounds, generator
-        self.crop = v2.RandomResizedCrop(size, scale=(config.min_scale, 1.0), antialias=True)
-        self.wide_crop = v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True)
-        self.colour = v2.Compose([v2.RandomHorizontalFlip(), v2.TrivialAugmentWide()])
-        self.mean = torch.tensor(pre.mean).view(3, 1, 1)
-        self.std = torch.tensor(pre.std).view(3, 1, 1)
-
-    def _rand(self) -> float:
-        return float(torch.rand((), generator=self.g))
-
-    def bird(self, image: Tensor) -> tuple[Tensor, tuple | None]:
-        view = self.colour(self.crop(image)).float().div_(255)
-        box = (0.0, 0.0, 1.0, 1.0)
-        if self._rand() < self.config.zoom_out:
-            ratio = self.config.min_zoom + (1 - self.config.min_zoom) * self._rand()
-            background = None
-            if self.backgrounds and self._rand() < 0.5:
-                i = int(torch.randint(0, len(self.backgrounds), (1,), generator=self.g))
-                background = self.colour(self.wide_crop(self.backgrounds[i])).float().div_(255)
-            view, box = zoom_out(view, ratio, background, self.g)
-        return (view - self.mean) / self.std, box
-
-    def negative(self, image: Tensor | None) -> tuple[Tensor, None]:
-        if image is None:
-            view = synthetic_nonphoto(self.size, self.g)
-        else:
-            view = self.colour(self.wide_crop(image)).float().div_(255)
-        return (view - self.mean) / self.std, None
 
 
 def _fit_teacher(ctx: Context) -> Teacher:
@@ -101,14 +66,11 @@ def run(ctx: Context):
     yield ctx.progress("features", message="fitting the teacher's probe")
     teacher = _fit_teacher(ctx)
     yield ctx.progress("features", message=f"teacher probe fit (train accuracy {teacher.train_acc:.1%}); decoding photos")
-    side = round(config.teacher_size * 1.3)
-    pools = {
-        "labelled": decode([p for p, _ in ctx.data.train], side),
-        "unlabelled": decode(image_files(config.unlabelled), side),
-        "negatives": decode(image_files(config.negatives), side),
-    }
+    pools = _pools(ctx)
+    if pools is None:
+        return None
     labels = torch.tensor([y for _, y in ctx.data.train])
-    views = _Views(config.teacher_size, ctx.train_pre, config, pools["negatives"], g)
+    views = BatchViews(pools, config.teacher_size, config, ctx.train_pre.mean, ctx.train_pre.std, ctx.device, config.seed)
     val = _validation(ctx.data, ctx.eval_pre)
     if model.locator is None:
         model.add_locator()
@@ -117,39 +79,50 @@ def run(ctx: Context):
     projection = nn.Linear(model.num_features, 1280).to(ctx.device)  # student features -> teacher's; not shipped
     optimizer = _sgd(model, projection, config)
     mix = _batch_mix(config, len(pools["unlabelled"]))
-    steps_per_epoch = max(1, len(pools["labelled"]) // mix[0])
-    total = config.epochs * steps_per_epoch
-    history, best, clock = [], Best(len(ctx.data.val)), {"step": 0, "seen": 0, "t0": time.perf_counter()}
-    for epoch in range(1, config.epochs + 1):
+    clock = Clock(config, max(1, len(labels) // mix[0]))
+    history, best = [], Best(len(ctx.data.val))
+    for epoch in clock.epochs():
         model.train()
         freeze_batchnorm(model, config.train_layers)
         order = torch.randperm(len(labels), generator=g)
         sums = torch.zeros(4)  # loss, correct, count, locator loss
-        for s in range(steps_per_epoch):
+        for s in clock.steps():
             if ctx.stop():
                 return None
-            items, y = _batch(views, pools, labels, order[s * mix[0] : (s + 1) * mix[0]], mix, config, g)
-            lr = config.lr * lr_factor(clock["step"], total, int(config.warmup_epochs * steps_per_epoch))
-            loss, parts = _step(ctx, teacher, projection, optimizer, lr, items, y, mix, g)
-            clock["step"] += 1
-            clock["seen"] += len(items)
+            idx = order[s * mix[0] : (s + 1) * mix[0]]
+            x, boxes = views.batch(idx, mix[1], mix[2])
+            loss, parts = _step(ctx, teacher, projection, optimizer, config.lr * clock.lr_factor(), x, boxes,
+                                labels[idx], mix, views.g)
+            clock.tick(len(x))
             sums += torch.tensor([loss * mix[0], parts["correct"], mix[0], parts["locator"] * mix[0]])
-            yield ctx.progress("train", epoch=epoch, epochs=config.epochs, step=clock["step"], steps=total, loss=loss,
-                               images_per_s=clock["seen"] / (time.perf_counter() - clock["t0"]),
-                               eta_s=eta(clock["t0"], clock["step"], total))
+            yield ctx.progress("train", epoch=epoch, epochs=clock.epochs_estimate(), step=clock.step,
+                               steps=clock.steps_estimate(), loss=loss, images_per_s=clock.rate(), eta_s=clock.eta())
+        if not clock.judge_now():
+            continue
         record, confusion = _judge(ctx, val, sums, epoch)
         history.append(record)
         # Judged on plain and wide (1/3 of the frame) validation photos alike: visitors bring both.
         score = (record["val_acc"] + record["val_acc_third"]) / 2 if record["val_acc"] is not None else None
         best.offer(epoch, record, model.state_dict(), confusion, score)
-        if config.snapshot:
+        if config.snapshot and clock.snapshot_now():
             _snapshot(config.snapshot, model, ctx.classes, ctx.eval_pre, record)
-        yield ctx.progress("epoch", epoch=epoch, epochs=config.epochs, step=clock["step"], steps=total,
-                           loss=record["loss"], train_acc=record["train_acc"], val_acc=record["val_acc"],
-                           val_loss=record["val_loss"], images_per_s=clock["seen"] / (time.perf_counter() - clock["t0"]),
-                           eta_s=eta(clock["t0"], clock["step"], total),
-                           message=_third_message(record))
+        yield ctx.progress("epoch", epoch=epoch, epochs=clock.epochs_estimate(), step=clock.step,
+                           steps=clock.steps_estimate(), loss=record["loss"], train_acc=record["train_acc"],
+                           val_acc=record["val_acc"], val_loss=record["val_loss"], images_per_s=clock.rate(),
+                           eta_s=clock.eta(), message=_third_message(record))
     return best.result(history)
+
+
+def _pools(ctx: Context) -> dict | None:
+    """The photo pools, each decoded once onto the training device (None if stopped)."""
+    config, side = ctx.config, round(ctx.config.teacher_size * 1.3)
+    pools = {}
+    for name, paths in (("labelled", [p for p, _ in ctx.data.train]), ("unlabelled", image_files(config.unlabelled)),
+                        ("negatives", image_files(config.negatives))):
+        pools[name] = load_pool(paths, side, ctx.device, ctx.stop)
+        if pools[name] is None:
+            return None
+    return pools
 
 
 def _sgd(model: nn.Module, projection: nn.Module, config) -> torch.optim.Optimizer:
@@ -172,25 +145,14 @@ def _batch_mix(config, unlabelled: int) -> tuple[int, int, int]:
     return config.batch_size - n_unl - n_neg, n_unl, n_neg
 
 
-def _batch(views: _Views, pools: dict, labels: Tensor, idx: Tensor, mix, config, g):
-    """One batch's views: labelled photos ``idx``, then random unlabelled photos and negatives."""
-    _, n_unl, n_neg = mix
-    unlabelled, negatives = pools["unlabelled"], pools["negatives"]
-    items = [views.bird(pools["labelled"][i]) for i in idx.tolist()]
-    items += [views.bird(unlabelled[i]) for i in torch.randint(0, max(1, len(unlabelled)), (n_unl,), generator=g).tolist()]
-    for i in torch.randint(0, max(1, len(negatives)), (n_neg,), generator=g).tolist():
-        real = negatives and float(torch.rand((), generator=g)) < config.real_negatives
-        items.append(views.negative(negatives[i] if real else None))
-    return items, labels[idx]
-
-
-def _step(ctx: Context, teacher: Teacher, projection: nn.Module, optimizer, lr: float, items, y: Tensor, mix,
-          g: torch.Generator | None = None):
-    """One optimisation step; returns the loss and its parts."""
+def _step(ctx: Context, teacher: Teacher, projection: nn.Module, optimizer, lr: float, x: Tensor, boxes: Tensor,
+          y: Tensor, mix, g: torch.Generator | None = None):
+    """One optimisation step on normalised views ``x`` (B, 3, T, T) at the teacher's size and the
+    birds' ``boxes`` (B, 4; NaN rows: no bird), both on the device; returns the loss and its parts."""
     config, model, device = ctx.config, ctx.model, ctx.device
     n_lab, n_unl, n_neg = mix
-    x = torch.stack([v for v, _ in items])  # (B, 3, T, T) at the teacher's size
-    mixed = cutmix(x, config.cutmix, g) if config.cutmix else torch.zeros(len(items), dtype=torch.bool)
+    n = len(x)
+    mixed = cutmix(x, config.cutmix, g) if config.cutmix else torch.zeros(n, dtype=torch.bool, device=x.device)
     x, y, mixed = x.to(device), y.to(device), mixed.to(device)
     t_logits, t_feats = teacher(x)
     xs = F.interpolate(x, size=(ctx.train_pre.input_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
@@ -201,20 +163,20 @@ def _step(ctx: Context, teacher: Teacher, projection: nn.Module, optimizer, lr: 
         logits = model.forward_head(features).float()
         located = model.forward_locator(features).float()  # (B, h, w)
         projected = projection(features.float().mean(dim=(2, 3)))
-    target_map = torch.stack([coverage(box, located.shape[-1]) for _, box in items]).to(device)
+    target_map = coverage_batch(boxes.to(device), located.shape[-1])
     # The teacher's probe is matched on the labelled views and on every mixed one; the labels, the
     # locator's map and "no class" (outlier exposure) hold only for the views left as they were.
-    labelled = torch.arange(len(items), device=device) < n_lab
+    labelled = torch.arange(n, device=device) < n_lab
     plain = ~mixed
     temp = config.temperature
     kd_rows = F.kl_div(F.log_softmax(logits / temp, 1), F.softmax(t_logits / temp, 1), reduction="none").sum(1) * temp**2
     kd = _mean(kd_rows, labelled | mixed)
-    ce = _mean(F.cross_entropy(logits, torch.cat([y, y.new_zeros(len(items) - n_lab)]), reduction="none",
+    ce = _mean(F.cross_entropy(logits, torch.cat([y, y.new_zeros(n - n_lab)]), reduction="none",
                                label_smoothing=config.label_smoothing), labelled & plain)
     feat = F.smooth_l1_loss(projected, t_feats)
     loc = _mean(F.binary_cross_entropy_with_logits(located, target_map, reduction="none").mean((1, 2)), plain)
     loss = kd + config.ce_weight * ce + config.feature_weight * feat + config.locator_weight * loc
-    negative = (torch.arange(len(items), device=device) >= n_lab + n_unl) & plain
+    negative = (torch.arange(n, device=device) >= n_lab + n_unl) & plain
     if negative.any():  # outlier exposure: a uniform class distribution on non-birds
         loss = loss + config.outlier_weight * _mean(-F.log_softmax(logits, 1).mean(1), negative)
     optimizer.zero_grad(set_to_none=True)
@@ -254,5 +216,6 @@ def _snapshot(path, model, classes, pre, record) -> None:
     """This epoch's weights, so a crash loses one epoch (resume with ``--init`` on this file)."""
     from ..checkpoint import save_checkpoint
 
+    device = next(model.parameters()).device  # where it trains: it goes back there
     save_checkpoint(path, model.cpu().float().eval(), classes, pre, {"snapshot": record})
-    model.to(next(model.parameters()).device)
+    model.to(device)
