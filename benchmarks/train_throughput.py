@@ -1,4 +1,6 @@
-"""Full-mode training throughput: our engine against a plain PyTorch loop, in one run.
+"""Training throughput: our engine against a plain PyTorch loop, in one run, on whatever device is here.
+
+``--mode full`` (the default):
 
 Both train a ResNeXt-50 32x4d from scratch with the same batch size, image size, precision (bf16
 autocast where the CPU has it) and optimizer (SGD, Nesterov). The reference is the loop everyone
@@ -8,6 +10,14 @@ flip and TrivialAugment per image included in the time. Images/s over the timed 
 warm-up, alternating blocks of steps between the two, medians of the blocks.
 
     python benchmarks/train_throughput.py [--image-size 112] [--batch-size 32] [--blocks 4] [--json]
+
+``--mode distill``: distill mode (``recipe_v6``'s engine: views made on the device, the teacher at
+``--teacher-size``, the student at ``--image-size``) against the bare step on ready tensors (the
+same student, teacher, batch, precision and optimizer; see ``distill_parts.bare_step``), and
+view making alone, batched against one photo at a time as distill mode did before issue #36:
+
+    python benchmarks/train_throughput.py --mode distill [--labelled DIR] [--unlabelled DIR] [--negatives DIR]
+        [--teacher FILE] [--image-size 112] [--teacher-size 224] [--batch-size 256] [--device auto]
 """
 
 from __future__ import annotations
@@ -84,13 +94,26 @@ def reference(size: int, batch: int, steps: int, amp) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("full", "distill"), default="full")
     parser.add_argument("--image-size", type=int, default=112)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--teacher-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 32 (full), 256 on a GPU (distill), 64 on a CPU")
     parser.add_argument("--steps", type=int, default=5, help="training steps per timed block")
     parser.add_argument("--blocks", type=int, default=4, help="timed blocks per contender")
+    parser.add_argument("--labelled", type=Path, help="distill: a class-folder tree (default: cub100/train)")
+    parser.add_argument("--unlabelled", type=Path, help="distill: bird photos without labels")
+    parser.add_argument("--negatives", type=Path, help="distill: photos with no bird")
+    parser.add_argument("--teacher", type=Path, default=ROOT.parent / "shared" / "weights" / "mobilenetv2_imagenet_features.pt")
+    parser.add_argument("--device", default="auto")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     configure_cpu_threads()
+    if args.mode == "distill":
+        from distill_throughput import distill_main
+
+        distill_main(args)
+        return
+    args.batch_size = args.batch_size or 32
     work = Path(tempfile.mkdtemp(prefix="throughput-"))
     data = load_dataset(photo_folder(work / "photos"), val_split=0.0)
     torch.manual_seed(0)
