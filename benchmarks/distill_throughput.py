@@ -107,6 +107,7 @@ def distill_main(args) -> None:
         rates["bare"].append(bare(args.steps))
         rates["views_batched"].append(new_views())
         rates["views_per_photo"].append(old_views())
+        print("block", json.dumps({k: round(v[-1], 1) for k, v in rates.items()}), flush=True)
     engine.close()
     med = {k: statistics.median(v) for k, v in rates.items()}
     result = {

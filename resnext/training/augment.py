@@ -111,7 +111,7 @@ def cutmix(x: Tensor, share: float, generator: torch.Generator | None = None) ->
     n, _, height, width = x.shape
     dev, g = x.device, generator
     mixed = torch.rand(n, generator=g, device=dev) < share
-    if n < 2 or not mixed.any():
+    if n < 2:  # (no test of ``mixed`` here: it would wait for the GPU)
         return torch.zeros(n, dtype=torch.bool, device=dev)
     partners = (torch.arange(n, device=dev) + torch.randint(1, n, (n,), generator=g, device=dev)) % n  # never itself
     side = torch.rand(n, generator=g, device=dev).sqrt()

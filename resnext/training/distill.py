@@ -69,7 +69,7 @@ def run(ctx: Context):
     pools = _pools(ctx)
     if pools is None:
         return None
-    labels = torch.tensor([y for _, y in ctx.data.train])
+    labels = torch.tensor([y for _, y in ctx.data.train], device=ctx.device)
     views = BatchViews(pools, config.teacher_size, config, ctx.train_pre.mean, ctx.train_pre.std, ctx.device, config.seed)
     val = _validation(ctx.data, ctx.eval_pre)
     if model.locator is None:
@@ -80,23 +80,32 @@ def run(ctx: Context):
     optimizer = _sgd(model, projection, config)
     mix = _batch_mix(config, len(pools["unlabelled"]))
     clock = Clock(config, max(1, len(labels) // mix[0]))
-    history, best = [], Best(len(ctx.data.val))
+    history, best, shown = [], Best(len(ctx.data.val)), None
+    weight = torch.tensor([float(mix[0]), 1.0], device=ctx.device)  # the loss is a mean over the labelled views
     for epoch in clock.epochs():
         model.train()
         freeze_batchnorm(model, config.train_layers)
-        order = torch.randperm(len(labels), generator=g)
-        sums = torch.zeros(4)  # loss, correct, count, locator loss
+        order = torch.randperm(len(labels), generator=g).to(ctx.device)
+        if ctx.device.type == "cuda":  # the views' stream reads it: it waits for it once an epoch
+            views.stream = getattr(views, "stream", None) or torch.cuda.Stream(ctx.device)
+            views.stream.wait_stream(torch.cuda.current_stream(ctx.device))
+            order.record_stream(views.stream)
+        sums = torch.zeros(4, device=ctx.device)  # loss, correct, count, locator loss
         for s in clock.steps():
             if ctx.stop():
                 return None
             idx = order[s * mix[0] : (s + 1) * mix[0]]
-            x, boxes = views.batch(idx, mix[1], mix[2])
-            loss, parts = _step(ctx, teacher, projection, optimizer, config.lr * clock.lr_factor(), x, boxes,
-                                labels[idx], mix, views.g)
+            x, boxes = _views(views, idx, mix)
+            parts = _step(ctx, teacher, projection, optimizer, config.lr * clock.lr_factor(), x, boxes, labels[idx], mix,
+                          views.g)
             clock.tick(len(x))
-            sums += torch.tensor([loss * mix[0], parts["correct"], mix[0], parts["locator"] * mix[0]])
+            sums[:2] += parts[:2] * weight  # in place, with no copy from the host that could wait for the GPU
+            sums[2] += mix[0]
+            sums[3] += parts[2] * mix[0]
+            if clock.step % SHOW_EVERY == 1:  # the only wait for the GPU between judgements
+                shown = parts[0].item()
             yield ctx.progress("train", epoch=epoch, epochs=clock.epochs_estimate(), step=clock.step,
-                               steps=clock.steps_estimate(), loss=loss, images_per_s=clock.rate(), eta_s=clock.eta())
+                               steps=clock.steps_estimate(), loss=shown, images_per_s=clock.rate(), eta_s=clock.eta())
         if not clock.judge_now():
             continue
         record, confusion = _judge(ctx, val, sums, epoch)
@@ -111,6 +120,23 @@ def run(ctx: Context):
                            val_acc=record["val_acc"], val_loss=record["val_loss"], images_per_s=clock.rate(),
                            eta_s=clock.eta(), message=_third_message(record))
     return best.result(history)
+
+
+SHOW_EVERY = 20  # the loss a step reports is read back from the device every this many steps
+
+
+def _views(views: BatchViews, idx: Tensor, mix) -> tuple[Tensor, Tensor]:
+    """A batch's views. On a GPU they are made on a stream of their own: what view making waits
+    for (a few small reads back) does not wait for the training step, which runs meanwhile."""
+    if views.device.type != "cuda":
+        return views.batch(idx, mix[1], mix[2])
+    main = torch.cuda.current_stream(views.device)
+    with torch.cuda.stream(views.stream):
+        x, boxes = views.batch(idx, mix[1], mix[2])
+    main.wait_stream(views.stream)
+    x.record_stream(main)
+    boxes.record_stream(main)
+    return x, boxes
 
 
 def _pools(ctx: Context) -> dict | None:
@@ -148,7 +174,8 @@ def _batch_mix(config, unlabelled: int) -> tuple[int, int, int]:
 def _step(ctx: Context, teacher: Teacher, projection: nn.Module, optimizer, lr: float, x: Tensor, boxes: Tensor,
           y: Tensor, mix, g: torch.Generator | None = None):
     """One optimisation step on normalised views ``x`` (B, 3, T, T) at the teacher's size and the
-    birds' ``boxes`` (B, 4; NaN rows: no bird), both on the device; returns the loss and its parts."""
+    birds' ``boxes`` (B, 4; NaN rows: no bird), both on the device; returns (loss, labelled views
+    right, locator loss) as one tensor on the device: nothing here waits for the GPU."""
     config, model, device = ctx.config, ctx.model, ctx.device
     n_lab, n_unl, n_neg = mix
     n = len(x)
@@ -177,12 +204,13 @@ def _step(ctx: Context, teacher: Teacher, projection: nn.Module, optimizer, lr: 
     loc = _mean(F.binary_cross_entropy_with_logits(located, target_map, reduction="none").mean((1, 2)), plain)
     loss = kd + config.ce_weight * ce + config.feature_weight * feat + config.locator_weight * loc
     negative = (torch.arange(n, device=device) >= n_lab + n_unl) & plain
-    if negative.any():  # outlier exposure: a uniform class distribution on non-birds
-        loss = loss + config.outlier_weight * _mean(-F.log_softmax(logits, 1).mean(1), negative)
+    # outlier exposure: a uniform class distribution on non-birds (0 in a batch without one)
+    loss = loss + config.outlier_weight * _mean(-F.log_softmax(logits, 1).mean(1), negative)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.item(), {"correct": (logits[:n_lab].argmax(1) == y).sum().item(), "locator": loc.item()}
+    correct = (logits[:n_lab].argmax(1) == y).sum()
+    return torch.stack([loss.detach(), correct.float(), loc.detach()])
 
 
 def _mean(rows: Tensor, keep: Tensor) -> Tensor:
