@@ -2,9 +2,16 @@
 teacher's features on every photo we may train on, at a larger input, then v5's bird detector and
 verdicts chosen again on held-out photos.
 
-    python -m resnext.recipe_v6 [--shared ../shared] [--epochs 30] [--image-size 112]
+    python -m resnext.recipe_v6 [--shared ../shared] [--epochs 30 | --minutes M] [--image-size 112]
                                 [--teacher-size 224] [--cutmix 0.3] [--out checkpoints/v6.safetensors]
+                                [--pack FILE] [--teacher FILE] [--batch-size 64] [--lr 0.02]
+                                [--only-training] [--max-shard-mb 15]
                                 [--record-test ../shared/data/cub100/test] [--report report.json]
+
+``--pack`` reads phase 1's photos from one file made by ``python -m resnext pack`` instead of
+``--shared``'s folders (phase 2 needs the held-out photos of ``--shared``: on a machine without
+them, say ``--only-training`` and run ``--skip-training`` where they are). ``--minutes`` trains
+by the clock (:mod:`resnext.training.clock`) instead of a number of epochs.
 
 1. ``distill`` (the engine's distill mode), the whole network, from the installed default model:
    labelled photos are ``cub100/train`` minus v4's 5 % validation split; the teacher's features
@@ -26,6 +33,7 @@ numbers (printed, and in ``--report``) with the installed model's before install
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
@@ -55,12 +63,42 @@ def training_config(shared: Path, folder: Path, out: Path, **changes) -> TrainCo
 
     groups = splits(shared)
     return TrainConfig(**{
-        **CONFIG.__dict__, **changes,
+        **CONFIG.__dict__,
         "teacher": str(shared / "weights" / "mobilenetv2_imagenet_features.pt"),
         "unlabelled": (str(link_folder(groups["other_fit"], folder / "other-species")),),
         "negatives": (str(link_folder(groups["none_fit"], folder / "no-bird")),),
         "snapshot": str(out.with_suffix(".raw.last.safetensors")),
+        **changes,
     })
+
+
+def phase_one_data(args, folder: Path):
+    """The labelled photos (with v4's validation split) and the settings that point at the other
+    pools: from ``args.pack`` unpacked into ``folder``, or from ``args.shared``'s folders."""
+    changes = {k: v for k, v in {"init": args.init, "epochs": args.epochs, "image_size": args.image_size,
+                                 "teacher_size": args.teacher_size, "cutmix": args.cutmix, "minutes": args.minutes,
+                                 "batch_size": args.batch_size, "lr": args.lr}.items() if v is not None}
+    if args.teacher:
+        changes["teacher"] = str(args.teacher)
+    if args.pack is None:
+        data = load_dataset(args.shared / "data" / "cub100" / "train", val_split=CONFIG.val_split, seed=CONFIG.seed)
+        return data, training_config(args.shared, folder, args.out, **changes)
+    from .pack import unpack
+
+    pools = unpack(args.pack, folder)
+    data = load_dataset(pools["labelled"], val_split=CONFIG.val_split, seed=CONFIG.seed)
+    changes.setdefault("teacher", str(args.shared / "weights" / "mobilenetv2_imagenet_features.pt"))
+    return data, TrainConfig(**{**CONFIG.__dict__, "unlabelled": (str(pools["unlabelled"]),),
+                                "negatives": (str(pools["negative"]),),
+                                "snapshot": str(args.out.with_suffix(".raw.last.safetensors")), **changes})
+
+
+def reshard(single: Path, out: Path, max_shard_mb: float) -> Path:
+    """``single``'s checkpoint written again as shards (see :mod:`resnext.shards`); the index's path."""
+    from .checkpoint import load_checkpoint, save_checkpoint
+
+    model, info = load_checkpoint(single)
+    return save_checkpoint(out, model, info.classes, info.preprocessing, info.provenance, max_shard_mb=max_shard_mb)
 
 
 def main() -> None:
@@ -71,6 +109,13 @@ def main() -> None:
     parser.add_argument("--detector-from", type=Path, default=DEFAULT_CHECKPOINT,
                         help="the model whose bird detector the result carries (default: the installed one)")
     parser.add_argument("--epochs", type=int, default=CONFIG.epochs)
+    parser.add_argument("--minutes", type=float, help="train this long instead, the schedule by the clock")
+    parser.add_argument("--pack", type=Path, metavar="FILE", help="phase 1's photos from this pack (python -m resnext pack)")
+    parser.add_argument("--teacher", type=Path, metavar="FILE", help="the teacher's weights (default: in --shared)")
+    parser.add_argument("--batch-size", type=int, help=f"(default {CONFIG.batch_size})")
+    parser.add_argument("--lr", type=float, help=f"peak learning rate (default {CONFIG.lr})")
+    parser.add_argument("--only-training", action="store_true", help="only phase 1 (writes <out>.raw.safetensors)")
+    parser.add_argument("--max-shard-mb", type=float, help="write phase 1's result as safetensors shards this large")
     parser.add_argument("--image-size", type=int, default=CONFIG.image_size)
     parser.add_argument("--teacher-size", type=int, default=CONFIG.teacher_size)
     parser.add_argument("--cutmix", type=float, default=CONFIG.cutmix)
@@ -81,16 +126,23 @@ def main() -> None:
     if args.out.resolve() == DEFAULT_CHECKPOINT.resolve():
         parser.error("--out must not be the installed model: judge the result on validation first")
     raw = args.out.with_suffix(".raw.safetensors")
+    if args.skip_training and not raw.is_file() and Path(f"{raw}.index.json").is_file():
+        raw = Path(f"{raw}.index.json")  # phase 1 wrote shards
     report: dict = {}
     if not args.skip_training:
-        data = load_dataset(args.shared / "data" / "cub100" / "train", val_split=CONFIG.val_split, seed=CONFIG.seed)
         with tempfile.TemporaryDirectory(prefix="recipe-v6-") as tmp:
-            config = training_config(args.shared, Path(tmp), args.out, init=args.init, epochs=args.epochs,
-                                     image_size=args.image_size, teacher_size=args.teacher_size, cutmix=args.cutmix)
-            result = train(data, config, out=raw, callback=show_progress)
+            data, config = phase_one_data(args, Path(tmp))
+            result = train(data, config, out=Path(tmp) / raw.name if args.max_shard_mb else raw, callback=show_progress)
+            if args.max_shard_mb:
+                raw = reshard(result.checkpoint, raw, args.max_shard_mb)
         report["phase 1"] = {"best_epoch": result.best_epoch, "val_acc": result.val_acc, "minutes": result.seconds / 60,
                              "history": result.history}
-        print(f"phase 1: best val {result.val_acc:.2%} at epoch {result.best_epoch}, {result.seconds / 60:.1f} min", flush=True)
+        print(f"phase 1: best val {result.val_acc:.2%} at epoch {result.best_epoch}, {result.seconds / 60:.1f} min; "
+              f"wrote {raw}", flush=True)
+    if args.only_training:
+        if args.report:
+            args.report.write_text(json.dumps(report, indent=1))
+        return
     from .recipe_detector import build
 
     report["phase 2"] = build(raw, args.shared, args.out, log=lambda m: print(m, flush=True), heads_from=args.detector_from)

@@ -250,3 +250,38 @@ def test_cli_refuses_a_bad_cap_in_one_line(shared, tmp_path, capsys, cap):
     assert main(["pack", "--shared", str(shared), "--out", str(out), "--max-mb", cap]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--max-mb" in err[0] and not out.exists()
+
+
+def test_the_v6_recipe_trains_from_a_pack_by_the_clock_and_writes_shards(shared, packed, tmp_path, monkeypatch):
+    """recipe_v6 --pack --minutes --max-shard-mb: phase 1 from the pack alone, its schedule by the
+    clock, the result in shards that load as a classifier (the GPU run's path, at test scale)."""
+    import hashlib
+    import sys
+
+    import torch
+    import torchvision
+
+    from resnext import load_classifier, read_metadata
+    from resnext import recipe_v6
+    from resnext.training import teacher as teacher_module
+
+    teacher = tmp_path / "teacher.pt"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.mobilenet_v2().features.state_dict(), teacher)
+    monkeypatch.setattr(teacher_module, "TEACHER_SHA256", hashlib.sha256(teacher.read_bytes()).hexdigest())
+    out = tmp_path / "run" / "v6.safetensors"
+    monkeypatch.setattr(sys, "argv", ["recipe_v6", "--pack", str(packed[0]), "--teacher", str(teacher), "--minutes", "0.05",
+                                      "--init", "scratch", "--image-size", "32", "--teacher-size", "48", "--batch-size", "8",
+                                      "--only-training", "--max-shard-mb", "15", "--out", str(out),
+                                      "--report", str(tmp_path / "report.json"), "--shared", str(tmp_path / "nowhere")])
+    recipe_v6.main()
+    index = out.with_suffix(".raw.safetensors.index.json")
+    shards = sorted(index.parent.glob("v6.raw-*-of-*.safetensors"))
+    assert index.is_file() and len(shards) == 4 and all(p.stat().st_size <= 15 * 2**20 for p in shards)
+    info = read_metadata(index)
+    assert info.classes == packed[3] and info.provenance["config"]["minutes"] == 0.05
+    assert info.provenance["config"]["unlabelled"] == ["unlabelled"] and info.provenance["config"]["negatives"] == ["negative"]
+    report = json.loads((tmp_path / "report.json").read_text())["phase 1"]
+    assert report["history"] and report["minutes"] >= 0.05  # the schedule ran its 3 s to the end
+    (answer,) = load_classifier(index).predict(next((shared / "data" / "cub100" / "test").rglob("*.jpg")))
+    assert answer[0].label in packed[3]
