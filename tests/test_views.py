@@ -204,3 +204,18 @@ def test_minutes_belong_to_distill_mode():
         TrainConfig(mode="distill", teacher="t.pt", minutes=0).resolved()
     with pytest.raises(ValueError, match="quick mode counts epochs"):
         TrainConfig(mode="quick", minutes=3).resolved()
+
+
+def test_the_gpus_way_gives_the_same_views():
+    """On a GPU every TrivialAugment operation runs on every view and each is kept where chosen,
+    and zoomed views are placed all at once: the same views as the CPU's way (run here on the CPU)."""
+    x = torch.rand(120, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    sparse = trivial_augment(x.clone(), torch.Generator().manual_seed(5), dense=False)
+    dense = trivial_augment(x.clone(), torch.Generator().manual_seed(5), dense=True)
+    assert (sparse - dense).abs().max() < 1e-5
+    views = torch.rand(24, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    views = torch.nn.functional.avg_pool2d(views, 5, 1, 2)  # photo-like: smooth, not per-pixel noise
+    ratio = torch.linspace(0.25, 1.0, 24)
+    grouped, boxes = zoom_out_batch(views, ratio, None, torch.Generator().manual_seed(2), dense=False)
+    at_once, same_boxes = zoom_out_batch(views, ratio, None, torch.Generator().manual_seed(2), dense=True)
+    assert torch.equal(boxes, same_boxes) and (grouped - at_once).abs().mean() < 0.01
