@@ -93,6 +93,17 @@ def phase_one_data(args, folder: Path):
                                 "snapshot": str(args.out.with_suffix(".raw.last.safetensors")), **changes})
 
 
+def name_version(path: Path) -> None:
+    """Say in ``path``'s provenance what v6 is (phase 2's recipe describes v5 there)."""
+    from .checkpoint import load_checkpoint, save_checkpoint
+
+    model, info = load_checkpoint(path)
+    provenance = {k: v for k, v in info.provenance.items() if k != "v5"}
+    provenance["v6"] = ("the whole ResNeXt distilled from the teacher at 224 px (python -m resnext.recipe_v6), starting "
+                        "from v5, at 112 px; v5's bird detector unchanged; verdicts chosen again on held-out photos")
+    save_checkpoint(path, model, info.classes, info.preprocessing, provenance)
+
+
 def reshard(single: Path, out: Path, max_shard_mb: float) -> Path:
     """``single``'s checkpoint written again as shards (see :mod:`resnext.shards`); the index's path."""
     from .checkpoint import load_checkpoint, save_checkpoint
@@ -146,6 +157,7 @@ def main() -> None:
     from .recipe_detector import build
 
     report["phase 2"] = build(raw, args.shared, args.out, log=lambda m: print(m, flush=True), heads_from=args.detector_from)
+    name_version(args.out)
     from .recipe_cub100 import finish
 
     finish(report, args.out, args.record_test, args.report)
