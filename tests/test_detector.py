@@ -152,3 +152,17 @@ def test_a_classifier_with_a_detector_answers_from_it(tmp_path, bird_bias):
     else:  # no bird: the whole photo's answer, and no box drawn on what was not a bird
         assert answer.verdict == "not_a_bird" and not answer.found
         assert answer.box == pytest.approx(classifier.preprocessing.crop_box(300, 200))
+
+
+def test_the_spot_of_one_hot_corner_cell_is_that_cells_centre():
+    """A bird low at the left of a wide photo: only the bottom-left cell of a 3 x 5 map is hot.
+    Its centre is (50, 250) in a 500 x 300 photo (width and height swapped, it was (30, 417))."""
+    from resnext.detector import _spot
+
+    cells = torch.full((3, 5), -20.0)
+    cells[2, 0] = 20.0
+    share, (cx, cy) = _spot(cells, (500, 300))
+    assert (cx, cy) == pytest.approx((50.0, 250.0), abs=0.01) and share == pytest.approx(1 / 15, abs=1e-3)
+    cells = torch.full((5, 3), -20.0)  # a portrait photo, its top-right cell
+    cells[0, 2] = 20.0
+    assert _spot(cells, (300, 500))[1] == pytest.approx((250.0, 50.0), abs=0.01)
