@@ -255,3 +255,14 @@ def test_load_photo_bounds_the_longer_side_and_says_the_scale(tmp_path, resized)
     assert upright.size == (960, 1280) and scale == pytest.approx(1280 / 4032)
     with pytest.raises(ValueError, match="positive integer"):
         load_image(big, max_side=0)
+
+
+def test_whole_framing_blurs_what_it_adds():
+    """A wide photo framed whole: the bands added above and below are its edges stretched and
+    blurred, not stripes continued (left sharp, non-square photos drifted by up to 27 points)."""
+    a = np.full((100, 200, 3), 255, np.uint8)
+    for x0 in range(0, 200, 20):
+        a[:, x0 : x0 + 10] = 0  # vertical stripes, 20 px a period
+    out = np.asarray(Preprocessing(64, 64, framing="whole").crop(Image.fromarray(a))).astype(float)
+    inside, added = out[32, :, 0].std(), out[3, :, 0].std()  # the photo fills rows 16..47
+    assert inside > 80 and added < 0.25 * inside
