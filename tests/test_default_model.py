@@ -33,7 +33,7 @@ def documented_unsure_threshold() -> float:
 def test_the_default_model_is_shipped_with_its_card():
     info = read_metadata(DEFAULT_CHECKPOINT)
     assert info.architecture["layers"] == [3, 4, 6, 3] and info.architecture["cardinality"] == 32
-    assert len(info.classes) == 100 and info.preprocessing.input_size == 96
+    assert len(info.classes) == 100 and info.preprocessing.input_size == 112
     assert DEFAULT_CHECKPOINT.stat().st_size < 52_000_000  # fp16, the detector's 4.5 MB included
     assert info.architecture["detector"] == 288  # says whether there is a bird, and where
     assert info.preprocessing.framing == "whole"  # every photo whole, whatever its shape
@@ -130,3 +130,22 @@ def test_a_photo_with_no_bird_is_not_a_bird():
     answers = load_classifier().predict([scene(1200, 800, seed=1), scene(600, 900, seed=2)])
     assert [a.verdict for a in answers] == ["not_a_bird", "not_a_bird"]
     assert not any(a.found for a in answers)  # no box drawn on a photo that is not a bird
+
+
+def test_a_mixed_batch_answers_each_photo_as_alone():
+    """Photos looked at closer and photos not, in one batch: each gets the answer it gets alone
+    (a batched pass that put the crops before the whole photos swapped answers between photos)."""
+    from PIL import Image
+
+    from resnext import load_classifier
+
+    classifier = load_classifier()
+    files = ["hooded_oriole.jpg", "blue_jay.jpg", "white_pelican.jpg", "cedar_waxwing.jpg", "carolina_wren.jpg"]
+    photos = [Image.open(ASSETS / f).convert("RGB") for f in files]
+    photos[3] = photos[3].crop((0, 40, 227, 187))  # and a non-square one
+    alone = [classifier.predict(p, k=3)[0] for p in photos]
+    together = classifier.predict(photos, k=3, batch_size=8)
+    assert {a.found for a in alone} == {True, False}  # some looked at closer, some not
+    for file, one, many in zip(files, alone, together):
+        assert [p.label for p in one] == [p.label for p in many], file
+        assert one[0].prob == pytest.approx(many[0].prob, abs=0.02) and one.verdict == many.verdict, file
