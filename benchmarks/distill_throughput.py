@@ -21,7 +21,7 @@ from resnext.training.context import autocast_dtype, decode
 from resnext.training.distill import image_files
 from resnext.training.teacher import load_teacher_backbone
 from resnext.training.views import BatchViews, load_pool
-from train_throughput import DATA, photo_folder
+from train_throughput import DATA, block_rates, photo_folder
 
 
 def teacher_file(path: Path, work: Path) -> Path:
@@ -37,22 +37,9 @@ def teacher_file(path: Path, work: Path) -> Path:
 
 
 def engine_rates(data, config: TrainConfig, steps: int):
-    """Images/s of each block of ``steps`` steps of distill mode (views included); the first
-    block after the setup is warm-up."""
-    t0, count, warm = None, 0, False
-    for event in iter_train(data, config):
-        if getattr(event, "stage", None) != "train":
-            continue
-        if t0 is None:
-            t0, count = time.perf_counter(), 0
-            continue
-        count += 1
-        if count == steps:
-            rate = steps * config.batch_size / (time.perf_counter() - t0)
-            if warm:
-                yield rate
-            warm = True
-            t0, count = time.perf_counter(), 0
+    """Images/s of each block of ``steps`` steps of distill mode (views included), after one
+    block of warm-up."""
+    return block_rates(iter_train(data, config), steps, config.batch_size, warm_up=1)
 
 
 def view_rates(config: TrainConfig, labelled: list[Path], negatives: list[Path], device, batch: int):

@@ -60,11 +60,11 @@ def photo_folder(work: Path, classes: int = 10, per_class: int = 16) -> Path:
     return work
 
 
-def ours(data, init: Path, size: int, batch: int, steps: int) -> list[float]:
-    """Images/s of each block of ``steps`` training steps of our engine (first block: warm-up)."""
-    config = TrainConfig(mode="full", init=str(init), epochs=100, image_size=size, batch_size=batch, lr=0.1)
-    rates, t0, count = [], None, 0
-    for event in iter_train(data, config):
+def block_rates(events, steps: int, batch: int, warm_up: int = 0):
+    """Images/s of each block of ``steps`` "train" events of a training run's ``events`` (the first
+    ``warm_up`` blocks after its setup dropped); the clock restarts after each block is yielded."""
+    t0, count, blocks = None, 0, 0
+    for event in events:
         if getattr(event, "stage", None) != "train":
             continue
         if t0 is None:
@@ -72,9 +72,17 @@ def ours(data, init: Path, size: int, batch: int, steps: int) -> list[float]:
             continue
         count += 1
         if count == steps:
-            rates.append(steps * batch / (time.perf_counter() - t0))
-            yield rates[-1]
+            rate = steps * batch / (time.perf_counter() - t0)
+            blocks += 1
+            if blocks > warm_up:
+                yield rate
             t0, count = time.perf_counter(), 0  # the clock restarts when we get the CPU back
+
+
+def ours(data, init: Path, size: int, batch: int, steps: int):
+    """Images/s of each block of ``steps`` training steps of our engine (first block: warm-up)."""
+    config = TrainConfig(mode="full", init=str(init), epochs=100, image_size=size, batch_size=batch, lr=0.1)
+    return block_rates(iter_train(data, config), steps, batch)
 
 
 def reference(size: int, batch: int, steps: int, amp) -> float:
