@@ -278,28 +278,28 @@ def _check_provenance(provenance) -> dict:
     return dict(provenance)
 
 
-def _read_header(path: Path) -> dict:
-    """The safetensors JSON header, checked before anything trusts it."""
+def _read_header(path: Path, kind: str = "checkpoint", what: str = "a safetensors file", error=ValueError,
+                 limit: int | None = None) -> dict:
+    """The safetensors JSON header, checked before anything trusts it (a photo pack's too)."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
+        raise FileNotFoundError(f"{path}: no such {kind} file")
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError(f"{path}: not a safetensors file (only {size} bytes)")
+            raise error(f"{path}: not {what} (only {size} bytes)")
         (length,) = struct.unpack("<Q", head)
-        if length > MAX_HEADER_BYTES or length > size - 8:
+        if length > (limit or MAX_HEADER_BYTES) or length > size - 8:
             # A stranger's first 8 bytes, read as a length, are often a 19-digit number: say what
             # it means instead of printing it.
             claim = f"{length:,} bytes" if length <= size else "more bytes than the file holds"
-            raise ValueError(f"{path}: not a safetensors file, or truncated (its header claims {claim}; "
-                             f"the file has {size:,})")
+            raise error(f"{path}: not {what}, or truncated (its header claims {claim}; the file has {size:,})")
         try:
             header = _json(f.read(length))
         except (UnicodeDecodeError, ValueError) as err:
-            raise ValueError(f"{path}: not a safetensors file (header is not JSON we accept: {err})") from None
+            raise error(f"{path}: not {what} (header is not JSON we accept: {err})") from None
     if not isinstance(header, dict):
-        raise ValueError(f"{path}: not a safetensors file (header is not a JSON object)")
+        raise error(f"{path}: not {what} (header is not a JSON object)")
     return header
 
 

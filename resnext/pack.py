@@ -33,6 +33,7 @@ from safetensors.numpy import save
 
 from .archive import IGNORED, IMAGE_EXTENSIONS, DataError
 from .checkpoint import LIMITS as CHECKPOINT_LIMITS, _json
+from .checkpoint import _read_header as _safetensors_header
 from .data import MIN_SIDE
 from .imagefile import load_image
 from .training.context import KEPT_ASPECT
@@ -248,21 +249,10 @@ def read_pack(path: str | os.PathLike) -> PhotoPack:
 
 def _read_header(path: Path) -> tuple[dict, int, int]:
     """The safetensors JSON header (bounded before it is read), where the data starts, the file's size."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such pack file")
-    size = path.stat().st_size
+    header = _safetensors_header(path, "pack", "a photo pack", PackError, MAX_HEADER_BYTES)
     with path.open("rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8).ljust(8, b"\xff"))  # a file under 8 bytes claims too much
-        if length > MAX_HEADER_BYTES or length > size - 8:
-            claim = f"{length:,} bytes" if length <= size else "more bytes than the file holds"
-            raise PackError(f"{path}: not a photo pack, or truncated (its header claims {claim}; the file has {size:,})")
-        try:
-            header = _json(f.read(length))
-        except (UnicodeDecodeError, ValueError) as err:
-            raise PackError(f"{path}: not a photo pack (header is not JSON we accept: {err})") from None
-    if not isinstance(header, dict):
-        raise PackError(f"{path}: not a photo pack (header is not a JSON object)")
-    return header, 8 + length, size
+        (length,) = struct.unpack("<Q", f.read(8))
+    return header, 8 + length, path.stat().st_size
 
 
 def _check_metadata(path: Path, meta) -> dict:
