@@ -85,11 +85,7 @@ def run(ctx: Context):
     for epoch in clock.epochs():
         model.train()
         freeze_batchnorm(model, config.train_layers)
-        order = torch.randperm(len(labels), generator=g).to(ctx.device)
-        if ctx.device.type == "cuda":  # the views' stream reads it: it waits for it once an epoch
-            views.stream = getattr(views, "stream", None) or torch.cuda.Stream(ctx.device)
-            views.stream.wait_stream(torch.cuda.current_stream(ctx.device))
-            order.record_stream(views.stream)
+        order = _handed_to_views(torch.randperm(len(labels), generator=g).to(ctx.device), views)
         sums = torch.zeros(4, device=ctx.device)  # loss, correct, count, locator loss
         for s in clock.steps():
             if ctx.stop():
@@ -123,6 +119,15 @@ def run(ctx: Context):
 
 
 SHOW_EVERY = 20  # the loss a step reports is read back from the device every this many steps
+
+
+def _handed_to_views(order: Tensor, views: BatchViews) -> Tensor:
+    """The epoch's order, which the views' own CUDA stream reads: it waits for it once an epoch."""
+    if views.device.type == "cuda":
+        views.stream = getattr(views, "stream", None) or torch.cuda.Stream(views.device)
+        views.stream.wait_stream(torch.cuda.current_stream(views.device))
+        order.record_stream(views.stream)
+    return order
 
 
 def _views(views: BatchViews, idx: Tensor, mix) -> tuple[Tensor, Tensor]:
