@@ -53,17 +53,10 @@ def zoom_out(view: Tensor, ratio: float, background: Tensor | None = None,
 
 def coverage(box: tuple[float, float, float, float] | None, cells: int) -> Tensor:
     """The fraction of each of ``cells`` x ``cells`` grid cells that ``box`` covers (``None``: no
-    bird, all zeros): the locator's target."""
-    if box is None:
-        return torch.zeros(cells, cells)
-    edges = torch.linspace(0, 1, cells + 1)
-    lo, hi = edges[:-1], edges[1:]
+    bird, all zeros): the locator's target (one row of :func:`.views.coverage_batch`)."""
+    from .views import coverage_batch
 
-    def overlap(a: float, b: float) -> Tensor:
-        return ((torch.minimum(hi, torch.tensor(b)) - torch.maximum(lo, torch.tensor(a))).clamp_min(0)) * cells
-
-    left, top, right, bottom = box
-    return (overlap(top, bottom)[:, None] * overlap(left, right)[None, :]).clamp(0, 1)
+    return coverage_batch(torch.tensor([box if box is not None else [math.nan] * 4], dtype=torch.float32), cells)[0]
 
 
 def synthetic_nonphoto(size: int, generator: torch.Generator | None = None, device: torch.device | None = None) -> Tensor:

@@ -177,7 +177,7 @@ def trivial_augment(x: Tensor, g: torch.Generator, dense: bool | None = None) ->
         "brightness": lambda v, i: (v * factor[i].view(-1, 1, 1, 1)).clamp_(0, 1),
         "color": lambda v, i: _blend(v, _grey(v), factor[i]),
         "contrast": lambda v, i: _blend(v, _grey(v).mean((1, 2, 3), keepdim=True), factor[i]),
-        "sharpness": _sharpness_rows(factor),
+        "sharpness": lambda v, i: _sharpness(v, factor[i]),
         "posterize": lambda v, i: _posterize(v, 8 - (strength[i] * 6).round()),
         "solarize": lambda v, i: torch.where(v >= (1 - strength[i]).view(-1, 1, 1, 1), 1 - v, v),
         "autocontrast": lambda v, i: _autocontrast(v),
@@ -200,10 +200,6 @@ def trivial_augment(x: Tensor, g: torch.Generator, dense: bool | None = None) ->
         if len(rows):
             x[rows] = fn(x[rows], rows)
     return x
-
-
-def _sharpness_rows(factor: Tensor):
-    return lambda v, i: _sharpness(v, factor[i])
 
 
 def _posterize(x: Tensor, bits: Tensor) -> Tensor:
