@@ -111,10 +111,8 @@ def cutmix(x: Tensor, share: float, generator: torch.Generator | None = None) ->
     h, w = (side * height).round().clamp_min(1), (side * width).round().clamp_min(1)
     top = (torch.rand(n, generator=g, device=dev) * (height - h + 1)).floor()
     left = (torch.rand(n, generator=g, device=dev) * (width - w + 1)).floor()
-    rows = torch.arange(height, device=dev)[None]
-    cols = torch.arange(width, device=dev)[None]
-    inside_y = (rows >= top[:, None]) & (rows < (top + h)[:, None])
-    inside_x = (cols >= left[:, None]) & (cols < (left + w)[:, None])
-    mask = (inside_y[:, :, None] & inside_x[:, None, :] & mixed[:, None, None])[:, None]
+    from .views import box_mask
+
+    mask = box_mask(top, left, h, w, height, width) & mixed.view(-1, 1, 1, 1)
     x.copy_(torch.where(mask, x[partners], x))
     return mixed

@@ -281,10 +281,16 @@ def _place_at_once(views: Tensor, canvas: Tensor, left: Tensor, top: Tensor, sid
     rois = torch.stack([torch.arange(n, device=dev, dtype=views.dtype), -left * k, -top * k,
                         (size - left) * k, (size - top) * k], 1)
     small = roi_align(views, rois, (size, size), sampling_ratio=-1, aligned=True)
-    pos = torch.arange(size, device=dev, dtype=views.dtype)
-    inside_x = (pos[None] >= left[:, None]) & (pos[None] < (left + side)[:, None])
-    inside_y = (pos[None] >= top[:, None]) & (pos[None] < (top + side)[:, None])
-    return torch.where((inside_y[:, :, None] & inside_x[:, None, :])[:, None], small, canvas)
+    return torch.where(box_mask(top, left, side, side, size, size), small, canvas)
+
+
+def box_mask(top: Tensor, left: Tensor, h: Tensor, w: Tensor, height: int, width: int) -> Tensor:
+    """(n, 1, height, width) bool: each row's box of ``h`` x ``w`` pixels at (``top``, ``left``)."""
+    rows = torch.arange(height, device=top.device)[None]
+    cols = torch.arange(width, device=top.device)[None]
+    inside_y = (rows >= top[:, None]) & (rows < (top + h)[:, None])
+    inside_x = (cols >= left[:, None]) & (cols < (left + w)[:, None])
+    return (inside_y[:, :, None] & inside_x[:, None, :])[:, None]
 
 
 def coverage_batch(boxes: Tensor, cells: int) -> Tensor:
