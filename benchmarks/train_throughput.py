@@ -11,7 +11,7 @@ warm-up, alternating blocks of steps between the two, medians of the blocks.
 
     python benchmarks/train_throughput.py [--image-size 112] [--batch-size 32] [--blocks 4] [--json]
 
-``--mode distill``: distill mode (``recipe_v6``'s engine: views made on the device, the teacher at
+``--mode distill``: distill mode (``recipes.v6``'s engine: views made on the device, the teacher at
 ``--teacher-size``, the student at ``--image-size``) against the bare step on ready tensors (the
 same student, teacher, batch, precision and optimizer; see ``distill_parts.bare_step``), and
 view making alone, batched against one photo at a time as distill mode did before issue #36:

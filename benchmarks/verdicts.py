@@ -1,15 +1,16 @@
 """Accuracy on plain and wider shots, and the verdicts on birds, other species and non-birds.
 
     python benchmarks/verdicts.py KNOWN_DIR [--zoom 1 2 3] [--other DIR ...] [--nonbird DIR ...]
-                                  [--scenes DIR ...] [--checkpoint PATH] [--json]
+                                  [--scenes DIR ...] [--kinds rect ellipse ...] [--checkpoint PATH] [--json]
 
 KNOWN_DIR is a class-folder tree of the model's own classes (e.g. ``cub100/test``); each photo is
 also made a wider shot (``--zoom 2``: the bird at 1/2 of the frame, its edges stretched outwards
 and blurred; see ``resnext.transforms.wider_shot``). ``--other`` folders hold birds of species the
 model does not know (they should come out "unsure"), ``--nonbird`` folders photos with no bird
 ("not_a_bird"). ``--scenes`` folders hold real photos with no bird (of any shape): every 3rd photo
-of KNOWN_DIR is pasted into one of them at 1/3 of its shorter side, at a random place (seeded), and
-the top-1 on those is reported beside the top-1 on the same photos plain, with their ratio and how
+of KNOWN_DIR is pasted into one of them at 1/3 of its shorter side, at a random place (seeded),
+once per ``--kinds`` (a rectangle, a feathered ellipse, a blob, a blurred alpha:
+``resnext.recipes.pastes``; default rect and ellipse), and the top-1 on those is reported beside the top-1 on the same photos plain, with their ratio and how
 often the box find-the-bird classified holds the bird (at least half of it, and IoU > 0.5).
 Answers are the classifier's full answers: find-the-bird and verdict included.
 """
@@ -27,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from resnext.evaluate import evaluate, verdict_rates  # noqa: E402
 from resnext.inference import DEFAULT_CHECKPOINT, load_classifier  # noqa: E402
+from resnext.recipes.pastes import KINDS, paste  # noqa: E402
 from resnext.training.distill import image_files  # noqa: E402
 
 
@@ -37,6 +39,7 @@ def main() -> None:
     parser.add_argument("--other", type=Path, nargs="*", default=[])
     parser.add_argument("--nonbird", type=Path, nargs="*", default=[])
     parser.add_argument("--scenes", type=Path, nargs="*", default=[])
+    parser.add_argument("--kinds", nargs="+", default=["rect", "ellipse"], choices=KINDS)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -56,7 +59,7 @@ def main() -> None:
             rates = verdict_rates(classifier, image_files(folders))
             result[name] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rates.items()}
     if args.scenes:
-        result["scenes"] = in_scenes(classifier, args.known, image_files(args.scenes))
+        result["scenes"] = {kind: in_scenes(classifier, args.known, image_files(args.scenes), kind=kind) for kind in args.kinds}
     if args.json:
         print(json.dumps(result))
         return
@@ -71,22 +74,20 @@ def main() -> None:
             r = result[name]
             print(f"{label:>13}: species {r['species']:.1%} · unsure {r['unsure']:.1%} · not a bird {r['not_a_bird']:.1%}  "
                   f"({r['n']} photos)")
-    if "scenes" in result:
-        r = result["scenes"]
+    for kind, r in result.get("scenes", {}).items():
         v = r["verdicts"]
-        print(f"bird at 1/3 of a real scene: top-1 {r['top1']:.1%} vs {r['plain_top1']:.1%} plain (ratio {r['ratio']:.2f})  "
+        print(f"bird at 1/3 of a real scene ({kind}): top-1 {r['top1']:.1%} vs {r['plain_top1']:.1%} plain (ratio {r['ratio']:.2f})  "
               f"species {v['species']:.1%} · unsure {v['unsure']:.1%} · not a bird {v['not_a_bird']:.1%}  "
               f"box on the bird {r['box_on_bird']:.1%}  ({r['n']} photos)")
 
 
-def in_scenes(classifier, known: Path, scenes: list[Path], every: int = 3, seed: int = 0) -> dict:
-    """Every ``every``-th photo of ``known`` pasted at 1/3 of the shorter side of a scene, at a
-    random place: the top-1 there and plain, the verdicts, and whether the classified box holds
-    the bird."""
+def in_scenes(classifier, known: Path, scenes: list[Path], every: int = 3, seed: int = 0, kind: str = "rect") -> dict:
+    """Every ``every``-th photo of ``known`` pasted through a ``kind`` mask at 1/3 of the shorter
+    side of a scene, at a random place: the top-1 there and plain, the verdicts, and whether the
+    classified box holds the bird."""
     import random
 
     from resnext.evaluate import _labelled_files
-    from resnext.recipe_detector import paste
     from resnext.transforms import load_image
 
     rng = random.Random(seed)
@@ -95,7 +96,7 @@ def in_scenes(classifier, known: Path, scenes: list[Path], every: int = 3, seed:
     verdicts = {"species": 0, "unsure": 0, "not_a_bird": 0}
     for path, label in items:
         bird = load_image(path)
-        photo, box = paste(load_image(rng.choice(scenes), shrink_to=1200), bird, 1 / 3, rng, 0)
+        photo, box, _ = paste(load_image(rng.choice(scenes), shrink_to=1200), bird, 1 / 3, rng, 0, kind=kind)
         plain += classifier.predict(bird, k=1)[0][0].index == label
         answer = classifier.predict(photo, k=1)[0]
         scene += answer[0].index == label

@@ -4,32 +4,48 @@
     >>> clf = load_classifier("model.safetensors")          # doctest: +SKIP
     >>> clf.predict("bird.jpg", k=3)                         # doctest: +SKIP
     >>> clf.explain("bird.jpg").overlay                      # doctest: +SKIP
+
+The names below are imported on first use, so ``import resnext.model`` loads the network alone
+(with torch), not the checkpoint, inference and explanation modules beside it.
 """
 
-from .checkpoint import CheckpointInfo, from_torchvision, load_checkpoint, read_metadata, save_checkpoint
-from .explain import CAM_METHODS, Explanation
-from .inference import Classifier, Prediction, display_name, load_classifier, select_device
-from .model import ResNeXt, resnext50_32x4d, resnext101_32x8d, resnext_tiny
-from .transforms import ImageLoadError, Preprocessing, load_image
+from __future__ import annotations
 
-__all__ = [
-    "CAM_METHODS",
-    "CheckpointInfo",
-    "Classifier",
-    "Explanation",
-    "ImageLoadError",
-    "Prediction",
-    "Preprocessing",
-    "ResNeXt",
-    "display_name",
-    "from_torchvision",
-    "load_checkpoint",
-    "load_classifier",
-    "load_image",
-    "read_metadata",
-    "resnext101_32x8d",
-    "resnext50_32x4d",
-    "resnext_tiny",
-    "save_checkpoint",
-    "select_device",
-]
+import importlib
+
+# Each public name -> the module of this package that defines it.
+_EXPORTS = {
+    "CAM_METHODS": "explain",
+    "CheckpointInfo": "checkpoint",
+    "Classifier": "inference",
+    "Explanation": "explain",
+    "ImageLoadError": "transforms",
+    "Prediction": "inference",
+    "Preprocessing": "transforms",
+    "ResNeXt": "model",
+    "display_name": "inference",
+    "from_torchvision": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "load_classifier": "inference",
+    "load_image": "transforms",
+    "read_metadata": "checkpoint",
+    "resnext101_32x8d": "model",
+    "resnext50_32x4d": "model",
+    "resnext_tiny": "model",
+    "save_checkpoint": "checkpoint",
+    "select_device": "inference",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # the next lookup is a plain one
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

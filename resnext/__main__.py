@@ -249,7 +249,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _pack(args: argparse.Namespace) -> int:
     import math
 
-    from .pack import pack_entries, write_pack
+    from .recipes.pack import pack_entries, write_pack
 
     if not (math.isfinite(args.max_mb) and args.max_mb > 0):
         print(f"error: --max-mb must be a positive number, got {args.max_mb}", file=sys.stderr)

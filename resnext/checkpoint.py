@@ -32,22 +32,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .composition import ARCHITECTURE_FIELDS, architecture, architecture_cost, build_model
 from .detector import DETECTOR_SIZES
-from .model import ARCHITECTURE_FIELDS, ResNeXt, architecture_cost, build_model
+from .model import ResNeXt
 from .transforms import Preprocessing
 from .verdict import VerdictRules
 
-__all__ = [
-    "CheckpointInfo",
-    "CheckpointLimits",
-    "FORMAT_VERSION",
-    "MAX_HEADER_BYTES",
-    "from_torchvision",
-    "to_torchvision",
-    "load_checkpoint",
-    "read_metadata",
-    "save_checkpoint",
-]
+__all__ = ["CheckpointInfo", "CheckpointLimits", "FORMAT_VERSION", "MAX_HEADER_BYTES", "from_torchvision", "to_torchvision",
+           "load_checkpoint", "read_metadata", "save_checkpoint"]
 
 FORMAT_VERSION = 1
 METADATA_KEY = "resnext"
@@ -122,7 +114,7 @@ def save_checkpoint(
     classes = _check_classes([str(c) for c in classes], model.num_classes, LIMITS)
     provenance = dict(provenance or {})
     provenance.setdefault("date", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    info = CheckpointInfo(model.config(), classes, preprocessing or Preprocessing(), provenance)
+    info = CheckpointInfo(architecture(model), classes, preprocessing or Preprocessing(), provenance)
     metadata = {METADATA_KEY: json.dumps(info.to_dict(), ensure_ascii=False)}
 
     tensors = {}

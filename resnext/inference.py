@@ -11,12 +11,13 @@ import torch
 from torch import Tensor
 
 from .checkpoint import CheckpointInfo, load_checkpoint
+from .composition import rules_for
 from .explain import Explanation, conv5_cams
 from .fast import configure_cpu_threads, fast_backbone
 from .model import ResNeXt
 from .names import display_name
 from .transforms import ImageInput, check_box, load_image, shift_box, sub_box
-from .verdict import VerdictRules, bird_box
+from .verdict import bird_box
 
 __all__ = ["Answer", "Classifier", "Prediction", "DEFAULT_CHECKPOINT", "display_name", "load_classifier", "select_device"]
 
@@ -119,8 +120,7 @@ class Classifier:
         self.classes = list(info.classes)
         self.preprocessing = info.preprocessing
         self.path = path
-        has_bird_score = model.locator is not None or model.bird is not None or model.detector is not None
-        self.rules = VerdictRules.from_provenance(info.provenance, len(self.classes), has_bird_score)
+        self.rules = rules_for(model, info)
         if self.device.type == "cpu":
             configure_cpu_threads()
         self._backbone = self.model.forward_features
@@ -259,13 +259,16 @@ class Classifier:
             birds[i] = birds[i] if seen is None else self.rules.closer_bird(birds[i], seen)  # a small bird is scored where it is
         # No bird even after a closer look: the whole photo's answer, no box to show on, say, a cat's face.
         crops = {i: crop for i, crop in crops.items() if not self.rules.no_bird(birds[i])}
-        needed = [i for i in range(len(views)) if i not in whole and not (i in crops and self.rules.crop_weight >= 1.0)]
+        crop_alone = self.rules.crop_weight >= 1.0 and self.rules.crop_when == "always"  # the whole photo's answer unused
+        needed = [i for i in range(len(views)) if i not in whole and not (i in crops and crop_alone)]
         # One batched pass for the rest: the whole photos still needed and every crop (an image's
         # result does not depend on its batch; one pass of two costs about 0.75 of two passes).
         ran = self._passes([views[i] for i in needed] + [photos[i].crop(crops[i][1]) for i in crops]) if needed or crops else []
         passes, crop_passes = {**whole, **dict(zip(needed, ran))}, dict(zip(crops, ran[len(needed):]))
         out = []
         for i in range(len(photos)):
+            if i in crops and i in passes and not self.rules.crop_counts(float(passes[i][2].max()), float(crop_passes[i][2].max())):
+                del crops[i]  # the crop is less sure than the whole photo: the whole photo's answer stands
             if i in crops:
                 chosen, box_used, found = crop_passes[i], crops[i][1], True
                 p = chosen[2] if i not in passes else self.rules.mix(passes[i][2], chosen[2])

@@ -4,7 +4,9 @@ The network keeps the article's names: a stem ``conv1``, four stages ``conv2`` .
 bottleneck blocks whose 3x3 convolution is split into ``cardinality`` groups, global average
 pooling and ``fc``. ResNeXt is configuration of one block class, not a second network.
 
-This module does no I/O. Fixes to the seed implementation are marked ``# Fix (seed):``.
+This module does no I/O and imports torch only: the bird detector kept beside the network, the
+architecture a checkpoint stores and its full cost are :mod:`resnext.composition`'s. Fixes to the
+seed implementation are marked ``# Fix (seed):``.
 """
 
 from __future__ import annotations
@@ -14,16 +16,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .detector import BirdDetector, detector_cost
-
 __all__ = [
     "Bottleneck",
     "ResNeXt",
     "resnext50_32x4d",
     "resnext101_32x8d",
     "resnext_tiny",
-    "build_model",
-    "architecture_cost",
+    "network_cost",
 ]
 
 # A stage's output width is EXPANSION * stem_width * 2**stage, as in the article's Table 1:
@@ -88,17 +87,15 @@ class ResNeXt(nn.Module):
             reads) giving the logit of "this photo shows a bird". It is fit on frozen features
             with photos of no bird (:func:`resnext.training.calibrate.fit_bird_head`) and, where
             present, is the bird score of the verdict; the locator then only finds the bird.
-        detector: the input size (longer side, pixels) of a :class:`~resnext.detector.BirdDetector`
-            kept beside the ResNeXt as ``detector``, or 0 for none. It says whether a photo shows
-            a bird and where, from ImageNet features of the whole photo; where present, it replaces
-            the bird head and the locator in the verdict and find-the-bird. It never changes a
-            species or a heatmap, and it is not trained with the ResNeXt.
         zero_init_residual: start each block's last BN gamma at zero, so every block begins as
             the identity. Goyal et al. (2017) report this helps training from scratch, which is how
             our default bird model is trained; it changes nothing when weights are loaded.
 
     ``forward`` returns logits; ``forward_features`` stops after ``conv5`` and ``forward_head``
     pools and classifies, so Grad-CAM and feature caching can run the two halves apart.
+
+    ``detector`` is None here: :func:`resnext.composition.attach_detector` may keep a bird detector
+    there, beside the network (its tensors ``detector.*``); nothing in this class calls it.
     """
 
     def __init__(
@@ -112,7 +109,6 @@ class ResNeXt(nn.Module):
         zero_init_residual: bool = True,
         locator: bool = False,
         bird_head: bool = False,
-        detector: int = 0,
     ):
         super().__init__()
         layers = tuple(int(n) for n in layers)
@@ -152,7 +148,7 @@ class ResNeXt(nn.Module):
         self.bird = nn.Linear(in_ch, 1) if bird_head else None
         self.num_features = in_ch
         self._init_weights(zero_init_residual)
-        self.detector = BirdDetector(detector) if detector else None  # after the init: its weights are its own
+        self.detector: nn.Module | None = None  # see the class docstring: filled, if ever, by resnext.composition
 
     def _make_stage(self, in_ch: int, width: int, out_ch: int, blocks: int, stride: int) -> nn.Sequential:
         first = Bottleneck(in_ch, width, out_ch, self.cardinality, stride)
@@ -238,7 +234,8 @@ class ResNeXt(nn.Module):
         self.fc = nn.Linear(self.num_features, num_classes).to(self.fc.weight.device)
 
     def config(self) -> dict:
-        """The constructor arguments needed to rebuild this network (stored in checkpoints)."""
+        """The constructor arguments needed to rebuild this network (a checkpoint stores them, with
+        the detector's size: :func:`resnext.composition.architecture`)."""
         return {
             "layers": list(self.layers),
             "cardinality": self.cardinality,
@@ -247,24 +244,7 @@ class ResNeXt(nn.Module):
             "stem_width": self.stem_width,
             "locator": self.locator is not None,
             "bird_head": self.bird is not None,
-            "detector": 0 if self.detector is None else self.detector.size,
         }
-
-
-# What :meth:`ResNeXt.config` writes and :func:`build_model` (and a checkpoint) may hold.
-ARCHITECTURE_FIELDS = frozenset({"layers", "cardinality", "group_depth", "num_classes", "stem_width", "locator",
-                                 "bird_head", "detector"})
-
-
-def build_model(config: dict) -> ResNeXt:
-    """Rebuild a network from :meth:`ResNeXt.config` output."""
-    unknown = set(config) - ARCHITECTURE_FIELDS
-    if unknown:
-        raise ValueError(f"unknown architecture fields {sorted(unknown)}")
-    missing = ARCHITECTURE_FIELDS - {"stem_width", "locator", "bird_head", "detector"} - set(config)
-    if missing:
-        raise ValueError(f"architecture is missing {sorted(missing)}")
-    return ResNeXt(**config)
 
 
 def resnext50_32x4d(num_classes: int = 1000) -> ResNeXt:
@@ -287,11 +267,12 @@ def _halve(side: int) -> int:
     return (side - 1) // 2 + 1
 
 
-def architecture_cost(config: dict, input_size: int) -> tuple[int, int]:
+def network_cost(config: dict, input_size: int) -> tuple[int, int]:
     """(parameters, multiply-accumulates per image at ``input_size``) of the network that
-    :func:`build_model` would make from ``config``, counted from the numbers alone, without
-    building anything: a checkpoint's declared size is checked against a budget with this first.
-    Batch-norm buffers are not parameters and are not counted (as in ``model.parameters()``).
+    ``ResNeXt(**config)`` would make (other keys of ``config`` are ignored), counted from the
+    numbers alone, without building anything: a checkpoint's declared size is checked against a
+    budget with this first (see :func:`resnext.composition.architecture_cost`). Batch-norm
+    buffers are not parameters and are not counted (as in ``model.parameters()``).
     """
     layers, card, depth = config["layers"], config["cardinality"], config["group_depth"]
     stem, classes = config.get("stem_width", 64), config["num_classes"]
@@ -313,7 +294,4 @@ def architecture_cost(config: dict, input_size: int) -> tuple[int, int]:
     params += in_ch * classes + classes
     macs += in_ch * classes
     params += (in_ch + 1) * (bool(config.get("locator")) + bool(config.get("bird_head")))
-    if config.get("detector"):
-        more_params, more_macs = detector_cost(config["detector"])
-        params, macs = params + more_params, macs + more_macs
     return params, macs

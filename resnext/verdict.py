@@ -10,8 +10,10 @@ Every answer gets one verdict:
 Find-the-bird: where the locator says the bird covers less than ``find_below`` of the frame, the
 photo is cropped around it (a square ``find_margin`` times the bird's estimated side) and
 classified again; the two answers' probabilities are combined with
-weight ``crop_weight`` on the crop's. Every number is chosen on validation data by the training
-recipe (or a fine-tune) and stored in the checkpoint's provenance under ``"verdict"``.
+weight ``crop_weight`` on the crop's (with ``crop_when="surer"``, only where the crop's top-1 is
+surer than the whole photo's: else the whole photo's answer stands). Every number is chosen on
+validation data by the training recipe (or a fine-tune) and stored in the checkpoint's provenance
+under ``"verdict"``.
 
 Serving code: no training imports here.
 """
@@ -27,6 +29,7 @@ from torch import Tensor
 __all__ = ["VERDICTS", "VerdictRules", "bird_box", "choose_unsure", "default_unsure"]
 
 VERDICTS = ("species", "unsure", "not_a_bird")
+CROP_WHEN = ("always", "surer")
 
 
 def default_unsure(num_classes: int) -> float:
@@ -49,6 +52,9 @@ class VerdictRules:
     # With a detector: logits taken off its closer look's bird score before it counts. The closer
     # look goes where a bird is likeliest, so a photo with no bird scores higher there than whole.
     closer_offset: float = 0.0
+    # "always": a crop's answer counts whenever find-the-bird made one; "surer": only where its
+    # top-1 probability is higher than the whole photo's (a closer look that never hurts).
+    crop_when: str = "always"
 
     def __post_init__(self) -> None:
         for name, low, high in (("unsure_below", 0, 1), ("find_below", 0, 1), ("crop_weight", 0, 1),
@@ -59,6 +65,8 @@ class VerdictRules:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
                 also = " or null" if name == "bird_below" else ""
                 raise ValueError(f"verdict {name} must be a number in [{low}, {high}]{also}, got {str(value)[:40]!r}")
+        if self.crop_when not in CROP_WHEN:
+            raise ValueError(f"verdict crop_when must be one of {CROP_WHEN}, got {str(self.crop_when)[:40]!r}")
         if not isinstance(self.source, str):
             raise ValueError(f"verdict source must be text, got {str(self.source)[:40]!r}")
 
@@ -95,6 +103,13 @@ class VerdictRules:
         if self.bird_below is not None and bird is not None:
             use = use & (bird >= self.bird_below)
         return use
+
+    def crop_counts(self, whole_top1, crop_top1):
+        """Whether a crop's answer counts, given the whole photo's and the crop's top-1
+        probabilities (see ``crop_when``). Takes floats or tensors alike."""
+        if self.crop_when == "always":
+            return crop_top1 == crop_top1  # True, of the input's kind
+        return crop_top1 > whole_top1
 
     def mix(self, whole, crop):
         """The answer's probabilities from the whole photo's and the crop's."""

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from resnext import Preprocessing, load_checkpoint, load_classifier, read_metadata, save_checkpoint
+from resnext.composition import architecture
 
 from conftest import CLASSES, tiny_model
 
@@ -21,7 +22,7 @@ def test_round_trip_gives_identical_predictions(tmp_path, photo):
         expected = model.half().float()(x)  # what fp16 storage keeps
         assert torch.equal(loaded(x), expected)
     assert info.classes == CLASSES and info.preprocessing == Preprocessing(64, 72)
-    assert info.architecture == model.config()
+    assert info.architecture == architecture(model) == {**model.config(), "detector": 0}  # the format as it was
     assert next(loaded.parameters()).dtype == torch.float32 and not loaded.training
 
 

@@ -14,7 +14,8 @@ import torch
 
 from resnext import Preprocessing, load_checkpoint, read_metadata, save_checkpoint
 from resnext.checkpoint import LIMITS, CheckpointLimits
-from resnext.model import architecture_cost, resnext50_32x4d, resnext101_32x8d, resnext_tiny
+from resnext.composition import architecture_cost
+from resnext.model import resnext50_32x4d, resnext101_32x8d, resnext_tiny
 from resnext.summary import stage_table
 
 from conftest import CLASSES, ROOT
@@ -38,7 +39,7 @@ def header_only(path, architecture=None, classes=None, preprocessing=None, prove
                                           (resnext_tiny(3).config(), 64), (dict(TINY, layers=[2, 1, 3, 1], locator=True,
                                                                                bird_head=True), 97)])
 def test_cost_from_the_numbers_alone_is_the_built_networks(config, size):
-    from resnext.model import build_model
+    from resnext.composition import build_model
 
     model = build_model(config)
     params, macs = architecture_cost(config, size)
@@ -164,7 +165,7 @@ def test_cli_refuses_a_huge_network_quickly_in_little_memory(tmp_path, photo_fil
 
 def test_meta_shapes_allocate_nothing():
     """The shape check builds the declared network on the meta device: even a huge one costs no memory."""
-    from resnext.model import build_model
+    from resnext.composition import build_model
 
     with torch.device("meta"):
         model = build_model(dict(resnext50_32x4d(5).config(), group_depth=64))
@@ -209,7 +210,7 @@ def test_app_refuses_a_bad_checkpoint_in_one_line(tmp_path):
 
 
 def _expected_names():
-    from resnext.model import build_model
+    from resnext.composition import build_model
 
     with torch.device("meta"):
         return sorted(k for k in build_model(TINY).state_dict() if not k.endswith("num_batches_tracked"))

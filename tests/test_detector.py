@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from resnext import Preprocessing, load_checkpoint, read_metadata, save_checkpoi
 from resnext.detector import BirdDetector, square_around
 from resnext.fast import onednn_usable
 from resnext.inference import Classifier
-from resnext.model import architecture_cost, build_model
+from resnext.composition import architecture_cost, build_model
 
 from conftest import CLASSES, randomize_batchnorm
 
@@ -166,3 +167,54 @@ def test_the_spot_of_one_hot_corner_cell_is_that_cells_centre():
     cells = torch.full((5, 3), -20.0)  # a portrait photo, its top-right cell
     cells[0, 2] = 20.0
     assert _spot(cells, (300, 500))[1] == pytest.approx((250.0, 50.0), abs=0.01)
+
+
+def test_boxes_move_by_at_most_a_pixel_when_the_detectors_maps_move_by_1e_3():
+    """The region and the box are continuous in the maps, snapped to whole pixels: noise of 1e-3
+    (what another thread count or device gives) moves them by at most 1 px, on 1000 random maps
+    of photos of every shape, half of them with a cell right at a cut-off (the most bird-like
+    cell less 2 logits, or the closer look's 20 % floor), where a hard step dropped a whole cell."""
+    from resnext.detector import box_of, region_of
+
+    gen, moves = torch.Generator().manual_seed(0), []
+    for i in range(1000):
+        width, height = (int(v) for v in torch.randint(120, 1600, (2,), generator=gen))
+        rows, cols = max(1, round(9 * height / max(width, height))), max(1, round(9 * width / max(width, height)))
+        cells = torch.randn(rows, cols, generator=gen) * 3 - 2
+        fine = torch.randn(14, 14, generator=gen) * 3 - 2
+        if i % 2:
+            cells.view(-1)[int(torch.randint(cells.numel(), (1,), generator=gen))] = cells.max() - 2.0
+            fine.view(-1)[int(torch.randint(fine.numel(), (1,), generator=gen))] = math.log(0.2 / 0.8)
+        share, region = region_of(cells, (width, height))
+        moved = region_of(cells + 1e-3 * torch.randn(cells.shape, generator=gen), (width, height))[1]
+        box = box_of(fine, region, 1.6, (width, height))
+        box_moved = box_of(fine + 1e-3 * torch.randn(fine.shape, generator=gen), region, 1.6, (width, height))
+        assert all(v == round(v) for v in region + box)  # whole pixels
+        assert 0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height
+        moves.append(max(abs(a - b) for a, b in zip(region + box, moved + box_moved)))
+    assert max(moves) <= 1.0, sorted(moves)[-5:]
+
+
+def test_a_crop_less_sure_than_the_whole_photo_leaves_the_whole_photos_answer(tmp_path):
+    """crop_when "surer": each photo is answered from its crop where the crop's top-1 is surer
+    than the whole photo's, else from the whole photo (no box found); a batch answers as alone."""
+    model = tiny_with_detector()
+    model.detector.bird.bias.fill_(10.0)
+    path = save_checkpoint(tmp_path / "d.safetensors", model, CLASSES, Preprocessing(64, 64, framing="whole"),
+                           {"verdict": {"unsure_below": 0.2, "bird_below": 0.5, "find_below": 1.0, "crop_weight": 1.0,
+                                        "crop_when": "surer"}})
+    classifier = Classifier(*load_checkpoint(path), device="cpu")
+    rng = np.random.default_rng(5)
+    photos = [Image.fromarray(rng.integers(0, 255, (int(rng.integers(80, 300)), int(rng.integers(80, 300)), 3), dtype=np.uint8))
+              for _ in range(12)]
+    answers, kinds = classifier.predict(photos, k=3), set()
+    for photo, answer in zip(photos, answers):
+        whole = classifier.predict(photo, k=3, find_bird=False)[0]
+        box = classifier.model.detector.look_closer(photo, classifier.model.detector.look(photo).region, classifier.rules.find_margin)[1]
+        crop = classifier.predict(photo.crop(box), k=3, find_bird=False)[0]
+        expected = crop if crop[0].prob > whole[0].prob else whole
+        kinds.add(expected is crop)
+        assert answer.found == (expected is crop) and [p.index for p in answer] == [p.index for p in expected]
+        assert [p.prob for p in answer] == pytest.approx([p.prob for p in expected], abs=1e-5)
+        assert answer.box == pytest.approx(box if expected is crop else classifier.preprocessing.crop_box(*photo.size))
+    assert kinds == {True, False}  # both happened

@@ -1,12 +1,17 @@
+import ast
+import subprocess
+import sys
+
 import pytest
 import torch
 import torchvision
 
 from resnext import ResNeXt, from_torchvision, resnext50_32x4d, resnext101_32x8d, resnext_tiny
 from resnext.checkpoint import to_torchvision
-from resnext.model import Bottleneck, build_model
+from resnext.composition import build_model
+from resnext.model import Bottleneck
 
-from conftest import randomize_batchnorm, tiny_model
+from conftest import ROOT, randomize_batchnorm, tiny_model
 
 
 def count(model: torch.nn.Module) -> int:
@@ -141,3 +146,20 @@ def test_reset_classifier():
     model = resnext_tiny(10)
     model.reset_classifier(3)
     assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_the_model_module_imports_torch_only():
+    """model.py is the network alone: importing it loads torch and no other module of the package
+    (the detector, checkpoints and serving are composed with it in resnext.composition)."""
+    code = ("import sys, torch; before = set(sys.modules); import resnext.model; "
+            "print(sorted(set(sys.modules) - before)); print(sorted(m for m in sys.modules if m.startswith('resnext')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    new, ours = (ast.literal_eval(line) for line in done.stdout.splitlines())
+    assert new == ours == ["resnext", "resnext.model"]
+
+
+def test_a_network_alone_has_no_detector_and_its_config_none():
+    model = resnext_tiny(3)
+    assert model.detector is None and "detector" not in model.config()
+    assert build_model({**model.config(), "detector": 0}).detector is None

@@ -14,8 +14,8 @@ from safetensors.numpy import save_file
 from resnext.__main__ import main
 from resnext.data import load_dataset
 from resnext.imagefile import ImageLoadError, load_image
-from resnext.pack import PackError, pack_entries, read_pack, unpack, write_pack
-from resnext.recipe_detector import splits
+from resnext.recipes.pack import PackError, pack_entries, read_pack, unpack, write_pack
+from resnext.recipes.detector import splits
 from resnext.training.distill import image_files
 
 CUB = {"Blue_Jay": [(300, 200), (120, 260), (600, 150), (64, 64), (300, 400), (90, 140)],
@@ -253,7 +253,7 @@ def test_cli_refuses_a_bad_cap_in_one_line(shared, tmp_path, capsys, cap):
 
 
 def test_the_v6_recipe_trains_from_a_pack_by_the_clock_and_writes_shards(shared, packed, tmp_path, monkeypatch):
-    """recipe_v6 --pack --minutes --max-shard-mb: phase 1 from the pack alone, its schedule by the
+    """recipes.v6 --pack --minutes --max-shard-mb: phase 1 from the pack alone, its schedule by the
     clock, the result in shards that load as a classifier (the GPU run's path, at test scale)."""
     import hashlib
     import sys
@@ -262,7 +262,7 @@ def test_the_v6_recipe_trains_from_a_pack_by_the_clock_and_writes_shards(shared,
     import torchvision
 
     from resnext import load_classifier, read_metadata
-    from resnext import recipe_v6
+    from resnext.recipes import v6
     from resnext.training import teacher as teacher_module
 
     teacher = tmp_path / "teacher.pt"
@@ -270,11 +270,11 @@ def test_the_v6_recipe_trains_from_a_pack_by_the_clock_and_writes_shards(shared,
     torch.save(torchvision.models.mobilenet_v2().features.state_dict(), teacher)
     monkeypatch.setattr(teacher_module, "TEACHER_SHA256", hashlib.sha256(teacher.read_bytes()).hexdigest())
     out = tmp_path / "run" / "v6.safetensors"
-    monkeypatch.setattr(sys, "argv", ["recipe_v6", "--pack", str(packed[0]), "--teacher", str(teacher), "--minutes", "0.05",
+    monkeypatch.setattr(sys, "argv", ["recipes.v6", "--pack", str(packed[0]), "--teacher", str(teacher), "--minutes", "0.05",
                                       "--init", "scratch", "--image-size", "32", "--teacher-size", "48", "--batch-size", "8",
                                       "--only-training", "--max-shard-mb", "15", "--out", str(out),
                                       "--report", str(tmp_path / "report.json"), "--shared", str(tmp_path / "nowhere")])
-    recipe_v6.main()
+    v6.main()
     index = out.with_suffix(".raw.safetensors.index.json")
     shards = sorted(index.parent.glob("v6.raw-*-of-*.safetensors"))
     assert index.is_file() and len(shards) == 4 and all(p.stat().st_size <= 15 * 2**20 for p in shards)

@@ -15,8 +15,8 @@ needs_data = pytest.mark.skipif(not (SHARED_DATA / "birds525-valid-480" / "reser
 
 @needs_data
 def test_v6_trains_on_nothing_held_out_or_reserved(tmp_path):
-    from resnext.recipe_detector import splits
-    from resnext.recipe_v6 import training_config
+    from resnext.recipes.detector import splits
+    from resnext.recipes.v6 import training_config
 
     shared = SHARED_DATA.parent
     config = training_config(shared, tmp_path, tmp_path / "v6.safetensors")
@@ -31,6 +31,6 @@ def test_v6_trains_on_nothing_held_out_or_reserved(tmp_path):
 
 
 def test_v6_never_writes_over_the_installed_model():
-    done = subprocess.run([sys.executable, "-m", "resnext.recipe_v6", "--out", "checkpoints/resnext50_32x4d_cub100.safetensors"],
+    done = subprocess.run([sys.executable, "-m", "resnext.recipes.v6", "--out", "checkpoints/resnext50_32x4d_cub100.safetensors"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--out must not be the installed model" in done.stderr

@@ -9,7 +9,7 @@ from PIL import Image
 
 from resnext import Classifier, Preprocessing, load_checkpoint, save_checkpoint
 from resnext.__main__ import main
-from resnext.model import build_model
+from resnext.composition import build_model
 from resnext.transforms import wider_shot
 from resnext.verdict import VerdictRules, bird_box, choose_unsure, default_unsure
 
@@ -437,3 +437,14 @@ def test_a_fine_tunes_unsure_threshold_falls_between_its_right_and_wrong_answers
     rules = calibrate.rules_for_fine_tune(tiny_model(3), ["a", "b", "c"], Preprocessing(64, 72), val, None)
     assert 0.48 < rules.unsure_below <= 0.80, rules.unsure_below
     assert "validation" in rules.source
+
+
+def test_a_crop_counts_always_or_only_where_it_is_surer():
+    always, surer = VerdictRules(0.3), VerdictRules(0.3, crop_when="surer")
+    assert always.crop_counts(0.9, 0.2) and surer.crop_counts(0.4, 0.6) and not surer.crop_counts(0.6, 0.6)
+    whole, crop = torch.tensor([0.9, 0.4, 0.5]), torch.tensor([0.2, 0.6, 0.5])
+    assert always.crop_counts(whole, crop).tolist() == [True] * 3 and surer.crop_counts(whole, crop).tolist() == [False, True, False]
+    with pytest.raises(ValueError) as err:
+        VerdictRules(0.3, crop_when="sometimes")
+    assert str(err.value) == "verdict crop_when must be one of ('always', 'surer'), got 'sometimes'"
+    assert VerdictRules.from_provenance({"verdict": {"unsure_below": 0.3}}, 3, True).crop_when == "always"  # older files

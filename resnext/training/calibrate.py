@@ -67,7 +67,7 @@ def run_passes(classifier: Classifier, photos: list, batch_size: int = 32, margi
 
 def combined(passes: Passes, rules: VerdictRules) -> Tensor:
     """The probabilities the classifier answers with under ``rules`` (N, K)."""
-    use = looked_closer(passes, rules)
+    use = looked_closer(passes, rules) & rules.crop_counts(passes.whole.max(1).values, passes.crop.max(1).values)
     return torch.where(use[:, None], rules.mix(passes.whole, passes.crop), passes.whole)
 
 
@@ -144,8 +144,9 @@ def rules_for_fine_tune(model, classes: list[str], pre, val: list, start_provena
     - Find-the-bird keeps the start model's settings where the bird check stays.
     """
     from ..checkpoint import CheckpointInfo
+    from ..composition import architecture
 
-    info = CheckpointInfo(model.config(), list(classes), pre, {"verdict": (start_provenance or {}).get("verdict")})
+    info = CheckpointInfo(architecture(model), list(classes), pre, {"verdict": (start_provenance or {}).get("verdict")})
     classifier = Classifier(model, info, device="cpu", fast=False)
     start = classifier.rules  # the start model's, as its checkpoint records them
     bird_below, bird_how = _bird_check(classifier, start.bird_below, list(val) + list(train))

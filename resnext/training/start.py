@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointInfo, load_checkpoint
+from ..composition import build_model
 from ..inference import DEFAULT_CHECKPOINT
-from ..model import ResNeXt, build_model, resnext50_32x4d
+from ..model import ResNeXt, resnext50_32x4d
 from ..transforms import Preprocessing
 
 __all__ = ["load_start_point"]

@@ -2,11 +2,11 @@
 teacher's features on every photo we may train on, at a larger input, then v5's bird detector and
 verdicts chosen again on held-out photos.
 
-    python -m resnext.recipe_v6 [--shared ../shared] [--epochs 30 | --minutes M] [--image-size 112]
-                                [--teacher-size 224] [--cutmix 0.3] [--out checkpoints/v6.safetensors]
-                                [--pack FILE] [--teacher FILE] [--batch-size 64] [--lr 0.02]
-                                [--only-training] [--max-shard-mb 15]
-                                [--record-test ../shared/data/cub100/test] [--report report.json]
+    python -m resnext.recipes.v6 [--shared ../shared] [--epochs 30 | --minutes M] [--image-size 112]
+                                 [--teacher-size 224] [--cutmix 0.3] [--out checkpoints/v6.safetensors]
+                                 [--pack FILE] [--teacher FILE] [--batch-size 64] [--lr 0.02]
+                                 [--only-training] [--max-shard-mb 15]
+                                 [--record-test ../shared/data/cub100/test] [--report report.json]
 
 ``--pack`` reads phase 1's photos from one file made by ``python -m resnext pack`` instead of
 ``--shared``'s folders (phase 2 needs the held-out photos of ``--shared``: on a machine without
@@ -16,14 +16,14 @@ by the clock (:mod:`resnext.training.clock`) instead of a number of epochs.
 1. ``distill`` (the engine's distill mode), the whole network, from the installed default model:
    labelled photos are ``cub100/train`` minus v4's 5 % validation split; the teacher's features
    (and its probe's answer) are matched on them and, as unlabelled birds and as photos with no
-   bird, on every photo :func:`resnext.recipe_detector.splits` lets the detector fit on (never
+   bird, on every photo :func:`resnext.recipes.detector.splits` lets the detector fit on (never
    the 48 reserved species, the held-out species, the held-out no-bird photos or ``cub100/test``),
    on zoom-outs and birds pasted into scenes, and on CutMixes across them. The teacher sees each
    view at ``--teacher-size``, the student the same view at ``--image-size``. Every epoch's weights
    go to ``<out>.raw.last.safetensors`` (a crash loses one epoch; ``--init`` on that file goes on
    from its weights with a fresh schedule), the best epoch's (plain and 1/3-frame validation) to
    ``<out>.raw.safetensors``.
-2. ``recipe_detector`` with ``--heads-from`` the start model: v5's detector, unchanged, on the new
+2. ``recipes.detector`` with ``--heads-from`` the start model: v5's detector, unchanged, on the new
    network, and the verdict rules chosen again on held-out photos only.
 
 The output is written to ``--out``, never over the installed model: compare its validation
@@ -37,13 +37,13 @@ import json
 import tempfile
 from pathlib import Path
 
-from .data import load_dataset
-from .inference import DEFAULT_CHECKPOINT
-from .recipe_cub100 import CONFIG as V4_CONFIG
-from .recipe_cub100 import link_folder, show_progress
-from .training import TrainConfig, train
+from ..data import load_dataset
+from ..inference import DEFAULT_CHECKPOINT
+from ..training import TrainConfig, train
+from .cub100 import CONFIG as V4_CONFIG
+from .cub100 import link_folder, show_progress
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = TrainConfig(**{
     **V4_CONFIG.__dict__,
     "epochs": 30,
@@ -59,7 +59,7 @@ CONFIG = TrainConfig(**{
 
 def training_config(shared: Path, folder: Path, out: Path, **changes) -> TrainConfig:
     """Phase 1's settings, with the photo pools linked into ``folder``."""
-    from .recipe_detector import splits
+    from .detector import splits
 
     groups = splits(shared)
     return TrainConfig(**{
@@ -95,18 +95,18 @@ def phase_one_data(args, folder: Path):
 
 def name_version(path: Path) -> None:
     """Say in ``path``'s provenance what v6 is (phase 2's recipe describes v5 there)."""
-    from .checkpoint import load_checkpoint, save_checkpoint
+    from ..checkpoint import load_checkpoint, save_checkpoint
 
     model, info = load_checkpoint(path)
     provenance = {k: v for k, v in info.provenance.items() if k != "v5"}
-    provenance["v6"] = ("the whole ResNeXt distilled from the teacher at 224 px (python -m resnext.recipe_v6), starting "
+    provenance["v6"] = ("the whole ResNeXt distilled from the teacher at 224 px (python -m resnext.recipes.v6), starting "
                         "from v5, at 112 px; v5's bird detector unchanged; verdicts chosen again on held-out photos")
     save_checkpoint(path, model, info.classes, info.preprocessing, provenance)
 
 
 def reshard(single: Path, out: Path, max_shard_mb: float) -> Path:
     """``single``'s checkpoint written again as shards (see :mod:`resnext.shards`); the index's path."""
-    from .checkpoint import load_checkpoint, save_checkpoint
+    from ..checkpoint import load_checkpoint, save_checkpoint
 
     model, info = load_checkpoint(single)
     return save_checkpoint(out, model, info.classes, info.preprocessing, info.provenance, max_shard_mb=max_shard_mb)
@@ -154,11 +154,11 @@ def main() -> None:
         if args.report:
             args.report.write_text(json.dumps(report, indent=1))
         return
-    from .recipe_detector import build
+    from .detector import build
 
     report["phase 2"] = build(raw, args.shared, args.out, log=lambda m: print(m, flush=True), heads_from=args.detector_from)
     name_version(args.out)
-    from .recipe_cub100 import finish
+    from .cub100 import finish
 
     finish(report, args.out, args.record_test, args.report)
 

@@ -1,7 +1,7 @@
 """The recipe of the default bird model: ResNeXt-50 32x4d on CUB-100, taught by an ImageNet
 MobileNetV2, with a locator head and verdicts.
 
-    python -m resnext.recipe_cub100 [--shared ../shared] [--out checkpoints/...]
+    python -m resnext.recipes.cub100 [--shared ../shared] [--out checkpoints/...]
 
 0. The start point: the previous default model (``--init``, default: the installed one). Model
    v3 was made in three calls, because a session's time ran out in between (see the model card):
@@ -31,11 +31,11 @@ import os
 import tempfile
 from pathlib import Path
 
-from .data import load_dataset
-from .inference import DEFAULT_CHECKPOINT
-from .training import TrainConfig, train
+from ..data import load_dataset
+from ..inference import DEFAULT_CHECKPOINT
+from ..training import TrainConfig, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIND_MARGINS = (1.0, 1.05, 1.1, 1.2)  # v2 chose 1.3 of (1.3, 1.6, 2.0): the smallest won
 CONFIG = TrainConfig(
     mode="distill",
@@ -60,7 +60,7 @@ CONFIG = TrainConfig(
 
 def held_out(shared: Path) -> dict[str, list[Path]]:
     """The other species' 5th photos and every 3rd non-bird photo: never trained on."""
-    from .training.distill import image_files
+    from ..training.distill import image_files
 
     birds = image_files([shared / "data" / "birds525-valid-480"])
     nonbirds = image_files([shared / "data" / "nonbird"])
@@ -88,8 +88,8 @@ def _refit_photos(data, splits: dict[str, list[Path]], birds: int = 600, others:
     import torch
     from torchvision.transforms.functional import to_pil_image
 
-    from .training.augment import synthetic_nonphoto
-    from .transforms import load_image
+    from ..training.augment import synthetic_nonphoto
+    from ..transforms import load_image
 
     rng = random.Random(CONFIG.seed)
     positives = [p for p, _ in rng.sample(data.train, birds)] + rng.sample(splits["other_species_train"], others)
@@ -103,7 +103,7 @@ def training_provenance(raw: Path, provenance: dict) -> dict:
     records only its epoch; the rest is in the best epoch's file next to it."""
     if "snapshot" not in provenance or "config" in provenance:
         return dict(provenance)
-    from .checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint
 
     record = provenance["snapshot"]
     best = load_checkpoint(raw.with_name(raw.name.replace(".raw.last.", ".raw.")))[1].provenance
@@ -122,11 +122,11 @@ def calibrate(raw: Path, data, splits: dict[str, list[Path]], out: Path, margins
     other species) through as "not a bird"."""
     import torch
 
-    from .checkpoint import load_checkpoint, save_checkpoint
-    from .evaluate import verdict_rates
-    from .inference import Classifier
-    from .training.calibrate import bird_shot_maps, choose_rules, fit_bird_head, negative_views, refit_locator, run_passes
-    from .transforms import load_image, wider_shot
+    from ..checkpoint import load_checkpoint, save_checkpoint
+    from ..evaluate import verdict_rates
+    from ..inference import Classifier
+    from ..training.calibrate import bird_shot_maps, choose_rules, fit_bird_head, negative_views, refit_locator, run_passes
+    from ..transforms import load_image, wider_shot
 
     model, info = load_checkpoint(raw)
     classifier = Classifier(model, info, device="cpu")
@@ -168,9 +168,9 @@ def record_test(out: Path, test: Path) -> dict:
     """Evaluate the shipped checkpoint on the test split as given and as wider shots (the bird at
     1/2 and 1/3 of the frame) and record the numbers in its metadata (recorded only: nothing is
     chosen on them). Returns the full reports."""
-    from .checkpoint import load_checkpoint, save_checkpoint
-    from .evaluate import evaluate
-    from .inference import Classifier
+    from ..checkpoint import load_checkpoint, save_checkpoint
+    from ..evaluate import evaluate
+    from ..inference import Classifier
 
     model, info = load_checkpoint(out)
     classifier = Classifier(model, info, device="cpu")

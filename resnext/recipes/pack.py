@@ -31,12 +31,12 @@ import numpy as np
 from PIL import Image
 from safetensors.numpy import save
 
-from .archive import IGNORED, IMAGE_EXTENSIONS, DataError
-from .checkpoint import LIMITS as CHECKPOINT_LIMITS, _json
-from .checkpoint import _read_header as _safetensors_header
-from .data import MIN_SIDE
-from .imagefile import load_image
-from .training.context import KEPT_ASPECT
+from ..archive import IGNORED, IMAGE_EXTENSIONS, DataError
+from ..checkpoint import LIMITS as CHECKPOINT_LIMITS, _json
+from ..checkpoint import _read_header as _safetensors_header
+from ..data import MIN_SIDE
+from ..imagefile import load_image
+from ..training.context import KEPT_ASPECT
 
 __all__ = ["FORMAT", "PackEntry", "PackError", "PackResult", "PhotoPack", "ROLES", "pack_entries", "read_pack",
            "unpack", "write_pack"]
@@ -199,10 +199,10 @@ def _write_atomic(out: Path, data: bytes) -> None:
 
 
 def pack_entries(shared: str | os.PathLike) -> tuple[list[PackEntry], list[str]]:
-    """What the v6 recipe trains on (:func:`resnext.recipe_detector.splits`): ``cub100/train``
+    """What the v6 recipe trains on (:func:`resnext.recipes.detector.splits`): ``cub100/train``
     whole (the recipe splits off its validation when it loads it), ``other_fit`` as unlabelled birds
     and ``none_fit`` as photos with no bird. Returns (entries, classes)."""
-    from .recipe_detector import splits
+    from .detector import splits
 
     shared = Path(shared)
     groups, data, train = splits(shared), shared / "data", shared / "data" / "cub100" / "train"
