@@ -177,13 +177,14 @@ def heatmap_on_photo(cam: np.ndarray, photo_size: tuple[int, int], box: tuple[fl
 
 def overlay(
     photo: Image.Image, heatmap: np.ndarray, opacity: float = 0.5, box: tuple[float, float, float, float] | None = None,
-    outline: bool = False,
+    outline: bool = False, tint_outside: bool = False,
 ) -> np.ndarray:
     """The heatmap coloured (jet, as grad-cam draws it) and blended over the photo.
 
     Unlike grad-cam's ``show_cam_on_image``, the blend is not rescaled to its maximum, so opacity 0
     gives back the photo unchanged, and with ``box`` the parts of the photo the network never saw
-    stay untinted instead of looking "cold"; ``outline`` draws ``box`` (the box find-the-bird or a person chose).
+    stay untinted instead of looking "cold" (unless ``tint_outside``: the whole photo was seen too);
+    ``outline`` draws ``box`` (the box find-the-bird or a person chose).
     Returns RGB uint8 at the photo's size.
     """
     if not 0.0 <= opacity <= 1.0:
@@ -195,9 +196,10 @@ def overlay(
     blended = cv2.addWeighted(rgb, 1.0 - opacity, colours, opacity, 0.0)
     if box is not None:
         left, top, right, bottom = (round(v) for v in box)
-        seen = blended[max(top, 0) : bottom, max(left, 0) : right].copy()
-        blended = rgb.copy()
-        blended[max(top, 0) : bottom, max(left, 0) : right] = seen
+        if not tint_outside:
+            seen = blended[max(top, 0) : bottom, max(left, 0) : right].copy()
+            blended = rgb.copy()
+            blended[max(top, 0) : bottom, max(left, 0) : right] = seen
         if outline:
             thickness = max(2, round(min(rgb.shape[:2]) / 150))
             cv2.rectangle(blended, (left, top), (right - 1, bottom - 1), (255, 255, 255), thickness + 2)
@@ -229,6 +231,10 @@ class Explanation:
     box: tuple[float, float, float, float]
     found: bool = False
     boxed: bool = False  # ``box`` is the one the caller gave (drawn too)
+    # Where find-the-bird classified a crop: the same class's map of the whole photo (over
+    # ``whole_box``, the square the network saw of it), drawn around the crop's.
+    whole_cam: np.ndarray | None = None
+    whole_box: tuple[float, float, float, float] | None = None
 
     @property
     def verdict(self) -> str:
@@ -237,8 +243,15 @@ class Explanation:
 
     @cached_property
     def heatmap(self) -> np.ndarray:
-        """(height, width) map in [0, 1] on the original photo; zero outside the crop."""
-        return heatmap_on_photo(self.cam, self.photo.size, self.box)
+        """(height, width) map in [0, 1] on the original photo: the crop's inside ``box`` and,
+        where there is ``whole_cam``, the whole photo's around it; else zero outside the crop."""
+        heat = heatmap_on_photo(self.cam, self.photo.size, self.box)
+        if self.whole_cam is None:
+            return heat
+        around = heatmap_on_photo(self.whole_cam, self.photo.size, self.whole_box)
+        left, top, right, bottom = (round(v) for v in self.box)
+        around[max(top, 0) : bottom, max(left, 0) : right] = heat[max(top, 0) : bottom, max(left, 0) : right]
+        return around
 
     @cached_property
     def overlay(self) -> np.ndarray:
@@ -247,4 +260,6 @@ class Explanation:
 
     def overlay_with(self, opacity: float) -> np.ndarray:
         """The heatmap over the photo at ``opacity`` (0 = photo only, 1 = heatmap only)."""
+        if self.whole_cam is not None:  # the whole photo tinted, the crop's box drawn on it
+            return overlay(self.photo, self.heatmap, opacity, self.box, outline=True, tint_outside=True)
         return overlay(self.photo, self.heatmap, opacity, self.box, outline=self.found or self.boxed)

@@ -180,7 +180,7 @@ class Classifier:
         results: list[Answer] = []
         for start in range(0, len(images), batch_size):
             photos = [load_image(image) for image in images[start : start + batch_size]]
-            results.extend(answer for answer, _ in self._answer(photos, k, find_bird))
+            results.extend(answer for answer, *_ in self._answer(photos, k, find_bird))
         return results
 
     def locate(self, features: Tensor) -> Tensor | None:
@@ -229,9 +229,10 @@ class Classifier:
             return None, look.where
         return self.model.detector.look_closer(photo, look.where, self.rules.find_margin if margin is None else margin)
 
-    def _answer(self, photos: list, k: int, find_bird: bool, box=None) -> list[tuple[Answer, tuple[Tensor, Tensor]]]:
+    def _answer(self, photos: list, k: int, find_bird: bool, box=None) -> list[tuple[Answer, tuple[Tensor, Tensor], Tensor | None]]:
         """Answers for decoded photos, each with the (features, logits) of the pass it trusts most
-        (the crop's when find-the-bird made one), for explanations. ``box`` (one photo only): the
+        (the crop's when find-the-bird made one) and the whole photo's features where that pass ran
+        (None where it did not), for explanations. ``box`` (one photo only): the
         part of the photo to classify, chosen by a person; find-the-bird then stays off.
 
         With a detector, it looks first (closer too, where it sends a photo closer), and one batched
@@ -278,7 +279,8 @@ class Classifier:
             values, indices = p.topk(k)
             verdict = self.rules.verdict(float(values[0]), birds[i])
             predictions = [Prediction(self.classes[j], j, v) for v, j in zip(values.tolist(), indices.tolist())]
-            out.append((Answer(predictions, verdict, birds[i], box_used, found, boxed=box is not None), chosen[:2]))
+            whole_features = passes[i][0] if i in passes else None
+            out.append((Answer(predictions, verdict, birds[i], box_used, found, boxed=box is not None), chosen[:2], whole_features))
         return out
 
     def _passes(self, views: list) -> list[tuple[Tensor, Tensor, Tensor]]:
@@ -321,7 +323,7 @@ class Classifier:
         """
         k = self._check_k(k)
         photo = load_image(image)
-        answer, (features, _) = self._answer([photo], len(self.classes), find_bird, box)[0]
+        answer, (features, _), whole = self._answer([photo], len(self.classes), find_bird, box)[0]
         probs = {p.index: p.prob for p in answer}  # combined over both passes when there were two
         predictions = Answer(answer[:k], answer.verdict, answer.bird, answer.box, answer.found, answer.boxed)
         indices = [predictions[0].index if t is None else self.class_index(t) for t in targets]
@@ -329,12 +331,18 @@ class Classifier:
         size = self.preprocessing.input_size
         # The map of the pass the answer trusts most: the crop around the bird, when there was one.
         cams = conv5_cams(self.model, features, indices, method, (size, size))
+        # Find-the-bird's crop is drawn inside the whole photo's map, so the heatmap covers the photo.
+        whole_cams, whole_box = [None] * len(cams), None
+        if answer.found:
+            whole = self.features(self.preprocessing(photo)[None]) if whole is None else whole
+            whole_cams, whole_box = conv5_cams(self.model, whole, indices, method, (size, size)), self.preprocessing.crop_box(*photo.size)
         return [
             Explanation(
                 cam=cam, target=i, label=self.classes[i], prob=probs[i], predictions=predictions,
                 method=method.lower(), photo=photo, box=answer.box, found=answer.found, boxed=answer.boxed,
+                whole_cam=whole_cam, whole_box=whole_box,
             )
-            for cam, i in zip(cams, indices)
+            for cam, whole_cam, i in zip(cams, whole_cams, indices)
         ]
 
     def class_index(self, target: int | str) -> int:

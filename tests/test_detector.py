@@ -218,3 +218,31 @@ def test_a_crop_less_sure_than_the_whole_photo_leaves_the_whole_photos_answer(tm
         assert [p.prob for p in answer] == pytest.approx([p.prob for p in expected], abs=1e-5)
         assert answer.box == pytest.approx(box if expected is crop else classifier.preprocessing.crop_box(*photo.size))
     assert kinds == {True, False}  # both happened
+
+
+@pytest.mark.parametrize("crop_weight", [0.5, 1.0])
+def test_the_heatmap_of_a_crop_is_drawn_inside_the_whole_photos(tmp_path, crop_weight):
+    """Find-the-bird classified a crop: the heatmap is the crop's inside the box and the whole
+    photo's (the same class) around it, the whole photo tinted and the box drawn."""
+    from resnext.explain import conv5_cams, heatmap_on_photo
+
+    model = tiny_with_detector()
+    model.detector.bird.bias.fill_(10.0)
+    path = save_checkpoint(tmp_path / "d.safetensors", model, CLASSES, Preprocessing(64, 64, framing="whole"),
+                           {"verdict": {"unsure_below": 0.2, "bird_below": 0.5, "find_below": 1.0, "crop_weight": crop_weight}})
+    classifier = Classifier(*load_checkpoint(path), device="cpu")
+    photo = Image.fromarray(np.random.default_rng(2).integers(0, 255, (160, 260, 3), dtype=np.uint8))
+    e = classifier.explain(photo)
+    assert e.found and e.whole_cam is not None and e.whole_box == classifier.preprocessing.crop_box(260, 160)
+    whole = classifier.features(classifier.preprocessing(photo)[None])
+    expected = conv5_cams(classifier.model, whole, [e.target], "gradcam", (64, 64))[0]
+    assert np.allclose(e.whole_cam, expected, atol=1e-5)
+    left, top, right, bottom = (round(v) for v in e.box)
+    inside, around = heatmap_on_photo(e.cam, (260, 160), e.box), heatmap_on_photo(expected, (260, 160), e.whole_box)
+    assert np.allclose(e.heatmap[top:bottom, left:right], inside[top:bottom, left:right])
+    outside = np.ones((160, 260), bool)
+    outside[top:bottom, left:right] = False
+    assert np.allclose(e.heatmap[outside], around[outside]) and around[outside].max() > 0.1
+    tinted = np.abs(e.overlay_with(0.5).astype(int) - np.asarray(photo).astype(int)).sum(2)
+    assert (tinted[outside] > 0).mean() > 0.9  # the photo around the box is tinted too
+    assert classifier.explain(photo, find_bird=False).whole_cam is None
