@@ -143,20 +143,45 @@ class BirdDetector(nn.Module):
 
     def look(self, photo: Image.Image) -> Sighting:
         """The first look at a whole upright RGB photo."""
+        return self.look_all([photo])[0]
+
+    def look_all(self, photos: list) -> list[Sighting]:
+        """:meth:`look` for several photos: one detector pass for each shape among them (one per
+        photo on the CPU's packed path, whose kernels are packed for one batch size)."""
+        inputs = [_fit(photo, self.size) for photo in photos]
+        groups: dict = {}
+        for i, image in enumerate(inputs):
+            groups.setdefault(image.size if self._fast is None else i, []).append(i)
+        out: list = [None] * len(photos)
         device = self.bird.weight.device
-        with torch.inference_mode():
-            bird, cells = self(_tensor(_fit(photo, self.size)).to(device))
-        return Sighting(float(torch.sigmoid(bird[0])), *region_of(cells[0].cpu(), photo.size))
+        for members in groups.values():
+            with torch.inference_mode():
+                birds, cells = self(torch.cat([_tensor(inputs[i]) for i in members]).to(device))
+            birds, cells = torch.sigmoid(birds).cpu(), cells.cpu()
+            for j, i in enumerate(members):
+                out[i] = Sighting(float(birds[j]), *region_of(cells[j], photos[i].size))
+        return out
+
+    def look_closer_all(self, photos: list, regions: list, margin: float = 1.0) -> list[tuple[float, tuple[float, ...]]]:
+        """:meth:`look_closer` for several photos and their regions, in one detector pass (one per
+        photo on the CPU's packed path)."""
+        views = [_tensor(photo.resize((ZOOM, ZOOM), Image.Resampling.BILINEAR, box=tuple(region), reducing_gap=2.0))
+                 for photo, region in zip(photos, regions)]
+        step = 1 if self._fast is not None else max(1, len(views))
+        out = []
+        for start in range(0, len(views), step):
+            with torch.inference_mode():
+                birds, cells = self.closer(torch.cat(views[start : start + step]).to(self.bird.weight.device))
+            birds, cells = torch.sigmoid(birds).cpu(), cells.cpu()
+            for j, i in enumerate(range(start, start + len(birds))):
+                out.append((float(birds[j]), box_of(cells[j], regions[i], margin, photos[i].size)))
+        return out
 
     def look_closer(self, photo: Image.Image, region, margin: float = 1.0) -> tuple[float, tuple[float, ...]]:
         """The closer look at ``region`` of ``photo``: (its bird probability, the square box
         around the bird to classify, photo pixels; the box's side is ``margin`` times the bird's
         estimated side)."""
-        device = self.bird.weight.device
-        view = photo.resize((ZOOM, ZOOM), Image.Resampling.BILINEAR, box=tuple(region), reducing_gap=2.0)
-        with torch.inference_mode():
-            bird, cells = self.closer(_tensor(view).to(device))
-        return float(torch.sigmoid(bird[0])), box_of(cells[0].cpu(), region, margin, photo.size)
+        return self.look_closer_all([photo], [region], margin)[0]
 
 
 def region_of(cells: Tensor, size) -> tuple[float, tuple[float, float, float, float]]:

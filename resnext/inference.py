@@ -213,7 +213,7 @@ class Classifier:
         margin = self.rules.find_margin if margin is None else margin
         detector = self.model.detector
         if detector is not None:
-            return [Look(*detector.look(photo)) for photo in photos]
+            return [Look(*sighting) for sighting in detector.look_all(photos)]
         cells = self.locate(features)
         birds = self.bird_scores(features, cells)
         out = []
@@ -222,12 +222,14 @@ class Classifier:
             out.append(Look(bird, 0.0, None) if cells is None else Look(bird, *self.bird_crop(photo, cells[i], margin)))
         return out
 
-    def closer_look(self, photo, look: Look, margin: float | None = None) -> tuple[float | None, tuple[float, ...]]:
-        """Find-the-bird's second look at ``photo`` where ``look`` says: (the bird score there, or
-        None without a detector; the square box to classify, photo pixels)."""
+    def closer_looks(self, photos: list, looks: list[Look], margin: float | None = None) -> list[tuple[float | None, tuple[float, ...]]]:
+        """Find-the-bird's second look at each of ``photos`` where its ``looks`` say (one detector
+        pass for all): (the bird score there, or None without a detector; the square box to
+        classify, photo pixels)."""
         if self.model.detector is None:
-            return None, look.where
-        return self.model.detector.look_closer(photo, look.where, self.rules.find_margin if margin is None else margin)
+            return [(None, look.where) for look in looks]
+        margin = self.rules.find_margin if margin is None else margin
+        return self.model.detector.look_closer_all(photos, [look.where for look in looks], margin) if photos else []
 
     def _answer(self, photos: list, k: int, find_bird: bool, box=None) -> list[tuple[Answer, tuple[Tensor, Tensor], Tensor | None]]:
         """Answers for decoded photos, each with the (features, logits) of the pass it trusts most
@@ -254,7 +256,8 @@ class Classifier:
             whole = dict(enumerate(self._passes(views)))
             looks = self.looks(views, torch.cat([whole[i][0] for i in range(len(views))]))
             closer = [finds and look.where is not None and bool(self.rules.looks_closer(look.bird, look.area)) for look in looks]
-        crops = {i: self.closer_look(photos[i], looks[i]) for i in range(len(views)) if closer[i]}  # (bird score, box)
+        closer_ones = [i for i in range(len(views)) if closer[i]]
+        crops = dict(zip(closer_ones, self.closer_looks([photos[i] for i in closer_ones], [looks[i] for i in closer_ones])))
         birds = [look.bird for look in looks]
         for i, (seen, _) in crops.items():
             birds[i] = birds[i] if seen is None else self.rules.closer_bird(birds[i], seen)  # a small bird is scored where it is

@@ -246,3 +246,28 @@ def test_the_heatmap_of_a_crop_is_drawn_inside_the_whole_photos(tmp_path, crop_w
     tinted = np.abs(e.overlay_with(0.5).astype(int) - np.asarray(photo).astype(int)).sum(2)
     assert (tinted[outside] > 0).mean() > 0.9  # the photo around the box is tinted too
     assert classifier.explain(photo, find_bird=False).whole_cam is None
+
+
+def test_a_batch_takes_one_detector_pass_per_look_off_the_packed_path(tmp_path):
+    """Without the CPU's packed kernels (a GPU, or fast=False): the first looks of a batch take one
+    detector pass per photo shape, the closer looks one pass for all, with the same answers as
+    one photo at a time."""
+    model = tiny_with_detector()
+    model.detector.bird.bias.fill_(10.0)
+    path = save_checkpoint(tmp_path / "d.safetensors", model, CLASSES, Preprocessing(64, 64, framing="whole"),
+                           {"verdict": {"unsure_below": 0.2, "bird_below": 0.5, "find_below": 1.0, "crop_weight": 0.5}})
+    classifier = Classifier(*load_checkpoint(path), device="cpu", fast=False)
+    detector, calls = classifier.model.detector, []
+    forward, closer = detector.forward, detector.closer
+    detector.forward = lambda x: (calls.append(("first", len(x))), forward(x))[1]
+    detector.closer = lambda x: (calls.append(("closer", len(x))), closer(x))[1]
+    rng = np.random.default_rng(4)
+    shapes = [(200, 300, 3), (240, 160, 3), (200, 300, 3), (99, 99, 3)]
+    photos = [Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)) for shape in shapes]
+    answers = classifier.predict(photos, k=3)
+    assert sorted(calls) == [("closer", 4), ("first", 1), ("first", 1), ("first", 2)]
+    for photo, answer in zip(photos, answers):
+        alone = classifier.predict(photo, k=3)[0]
+        assert answer.found and answer.box == alone.box and [p.index for p in answer] == [p.index for p in alone]
+        assert [p.prob for p in answer] == pytest.approx([p.prob for p in alone], abs=1e-5)
+        assert answer.bird == pytest.approx(alone.bird, abs=1e-6)

@@ -56,7 +56,7 @@ def run_passes(classifier: Classifier, photos: list, batch_size: int = 32, margi
             out["area"] += [0.0] * len(chunk)
             out["closer"] += birds
             continue
-        closer = [classifier.closer_look(photo, look, margin) for photo, look in zip(chunk, looks)]
+        closer = classifier.closer_looks(chunk, looks, margin)
         out["area"] += [look.area for look in looks]
         out["closer"] += [bird if c is None else c for bird, (c, _) in zip(birds, closer)]
         crops = [pre(photo.crop(box)) for photo, (_, box) in zip(chunk, closer)]
