@@ -34,3 +34,44 @@ def test_v6_never_writes_over_the_installed_model():
     done = subprocess.run([sys.executable, "-m", "resnext.recipes.v6", "--out", "checkpoints/resnext50_32x4d_cub100.safetensors"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--out must not be the installed model" in done.stderr
+
+
+def test_the_detectors_verdict_rules_are_chosen_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
+    """recipes.rules.choose_rules on generated photos: every phase runs (the scenes of each kind,
+    the wider shots, the candidates, the bird check, the offset, "not sure"), and the rules it
+    returns keep the photos as given at least at one pass's top-1, with at most 2 % turned wrong."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from resnext import Preprocessing, load_checkpoint, save_checkpoint
+    from resnext.composition import build_model
+    from resnext.inference import Classifier
+    from resnext.recipes import rules
+
+    from conftest import CLASSES, randomize_batchnorm
+    from test_detector import TINY
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(build_model({**TINY, "detector": 96}), 0).eval()
+    model.detector.bird.bias.fill_(2.0)
+    model.detector.cells.bias.fill_(-1.0)
+    path = save_checkpoint(tmp_path / "m.safetensors", model, CLASSES, Preprocessing(64, 64, framing="whole"), {})
+    classifier = Classifier(*load_checkpoint(path), device="cpu")
+    rng = np.random.default_rng(0)
+
+    def photos(name, count):
+        (tmp_path / name).mkdir()
+        for i in range(count):
+            shape = (int(rng.integers(60, 140)), int(rng.integers(60, 140)), 3)
+            Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(tmp_path / name / f"{i}.png")
+        return sorted((tmp_path / name).iterdir())
+
+    groups = {"cub_val": photos("val", 12), "cub_val_labels": [i % len(CLASSES) for i in range(12)],
+              "other_val": photos("other", 6), "none_val": photos("none", 8)}
+    monkeypatch.setattr(rules, "MARGINS", (1.0, 1.3))
+    chosen, report = rules.choose_rules(classifier, groups, log=lambda message: None)
+    assert chosen.find_margin in (1.0, 1.3) and chosen.crop_when in ("always", "surer") and chosen.bird_below is not None
+    best = report["best"]
+    assert best[0] >= report["plain_one_pass"] and best[-1] <= rules.MOST_TURNED_WRONG
+    assert len(best) == 6 and set(report["val_not_a_bird"]) == {"plain", "scenes", "others"}

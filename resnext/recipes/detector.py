@@ -1,5 +1,6 @@
-"""The recipe of the default model v5: v4's ResNeXt, unchanged, shown every photo whole, with a
-bird detector (:mod:`resnext.detector`) that says whether there is a bird and where.
+"""The recipe of the bird detector (:mod:`resnext.detector`) that says whether there is a bird and
+where, and of the verdict rules: from v4's ResNeXt it made v5; from v6 it made v6.1 (the
+ResNeXt kept, the heads fit again).
 
     python -m resnext.recipes.detector [--shared ../shared] [--start v4.safetensors] [--out ...]
                                        [--record-test ../shared/data/cub100/test] [--report report.json]
@@ -9,11 +10,11 @@ Photos (never the 48 reserved species of ``birds525-valid-480``, never ``cub100/
   every five of the other non-reserved species (every 5th species held out);
 - no bird: four of every five photos of ``nonbird-more/`` and two of every three of ``nonbird/``;
 - made-up scenes: a bird photo pasted into a crop (any shape, 1:2 to 2:1) of a no-bird training
-  photo, its side 0.15-0.8 of the scene's shorter side, anywhere in it, half of them as
-  rectangles and half through soft, irregular masks (feathered ellipses, blobs, blurred alpha),
-  the bird's colour and light moved toward the scene's (:mod:`resnext.recipes.pastes`); and
-  closer looks at such scenes (a square 1.6-3.4 times the bird's side, its centre up to 0.35 of
-  that side off the bird).
+  photo, its side 0.15-1.0 of the scene's shorter side (1: a close-up filling a square scene),
+  anywhere in it, half of them as rectangles and half through soft, irregular masks (feathered
+  ellipses, blobs, blurred alpha), the bird's colour and light moved toward the scene's
+  (:mod:`resnext.recipes.pastes`); and closer looks at such scenes (a square 1.6-3.4 times the
+  bird's side, its centre up to 0.35 of that side off the bird).
 
 1. Features: the ImageNet MobileNetV2 (``--shared``'s weights, checked by their sha256) on every
    photo whole (longer side 288 px) and on every made-up scene and closer look.
@@ -46,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SIZE = 288
 SEED = 0
 SCENES, CLOSER_LOOKS = 5000, 3500
+SHARES = (0.15, 1.0)  # a scene's bird photo: its longer side over the scene's shorter side (1: a close-up fills a square scene)
 
 
 def splits(shared: Path) -> dict[str, list]:
@@ -117,7 +119,7 @@ def fit_heads(detector, groups: dict[str, list], log=print) -> dict:
     scenes = groups["none_fit"]
     scene_rows, scene_cover, scene_pooled = [], [], []
     for _ in range(SCENES):
-        share = math.exp(rng.uniform(math.log(0.15), math.log(0.8)))
+        share = math.exp(rng.uniform(math.log(SHARES[0]), math.log(SHARES[1])))
         photo, _, mask = paste(scene_crop(load_image(rng.choice(scenes), shrink_to=400), rng), load_image(rng.choice(birds)),
                                share, rng, SIZE, kind=random_kind(rng), harmonise=True)
         m = feats.whole(photo)
@@ -233,7 +235,7 @@ def build(start: Path, shared: Path, out: Path, log=print, heads_from: Path | No
                             "rectangles and through feathered ellipses, blobs and blurred alpha, their colour matched to the scene)"},
     )
     if info.architecture.get("detector"):  # a model with a detector already: its ResNeXt kept, its detector fit again
-        heads = "fit again" if heads_from is None else f"taken from {heads_from.name}"
+        heads = "fit again" if heads_from is None else f"fit again by this recipe in an earlier run ({heads_from.name})"
         provenance["refit"] = f"the ResNeXt weights of {start.name} unchanged; the detector's heads {heads}; verdicts chosen again"
     else:
         provenance["v5"] = "v4's ResNeXt weights unchanged; every photo framed whole; a bird detector instead of v4's bird head and locator"

@@ -57,7 +57,11 @@ def held_out_scenes(birds: list, labels: list, scenes: list, copies: int = 3, sh
 
 def joined(*passes):
     """Several :class:`~resnext.training.calibrate.Passes` as one."""
-    return type(passes[0])(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*passes)))
+    from dataclasses import fields
+
+    names = [f.name for f in fields(passes[0])]
+    return type(passes[0])(**{n: None if getattr(passes[0], n) is None else torch.cat([getattr(p, n) for p in passes])
+                              for n in names})
 
 
 def find_candidates(classifier, sets: dict, log=print) -> tuple[list, dict, float]:
