@@ -229,7 +229,7 @@ class Classifier:
         if self.model.detector is None:
             return [(None, look.where) for look in looks]
         margin = self.rules.find_margin if margin is None else margin
-        return self.model.detector.look_closer_all(photos, [look.where for look in looks], margin) if photos else []
+        return self.model.detector.look_closer_all(photos, [look.where for look in looks], margin)
 
     def _answer(self, photos: list, k: int, find_bird: bool, box=None) -> list[tuple[Answer, tuple[Tensor, Tensor], Tensor | None]]:
         """Answers for decoded photos, each with the (features, logits) of the pass it trusts most

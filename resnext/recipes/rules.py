@@ -27,12 +27,12 @@ import random
 
 import torch
 
+from ..verdict import CROP_WHEN
 from .pastes import paste
 
 MARGINS = (1.0, 1.3, 1.6)  # the crop's side over the bird's estimated side
 FIND_BELOW = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.45)  # the share of the photo the first look sees bird in
 CROP_WEIGHTS = (0.5, 0.75, 1.0)
-CROP_WHEN = ("always", "surer")
 SCENE_KINDS = ("rect", "ellipse")
 MOST_TURNED_WRONG = 0.02  # of the photos as given, by the closer look
 OFFSETS = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
@@ -92,7 +92,7 @@ def find_candidates(classifier, sets: dict, log=print) -> tuple[list, dict, floa
 def choose_find(candidates: list, baseline: float):
     """The best candidate of :func:`find_candidates` (see the module's text)."""
     kept = [c for c in candidates if c[0][0] >= baseline and c[1] <= MOST_TURNED_WRONG]
-    kept = kept or [c for c in candidates if c[2].find_below == min(FIND_BELOW)]  # cannot happen while find < 0.1 keeps all
+    kept = kept or [c for c in candidates if c[2].find_below == min(FIND_BELOW)]  # none keeps them: look closer least
     return max(kept, key=lambda c: (round(sum(c[0][1:]) / len(c[0][1:]), 4), -c[2].find_below, c[2].crop_when == "surer"))
 
 
