@@ -128,7 +128,8 @@ def test_a_bird_at_the_left_edge_of_a_wide_photo_is_found_and_named():
 def test_birds_pasted_through_a_feathered_ellipse_at_a_third_of_a_scene_are_named():
     """Three example birds through a feathered ellipse (no straight edge to find) at 1/3 of the
     shorter side of made-up scenes of four shapes, three places each: at least 25 of the 36 named
-    (with closer looks as small as 0.3 of the photo's shorter side: 23; at least half of it: 27)."""
+    (with closer looks as small as 0.3 of the photo's shorter side: 23; at least half of it: 27;
+    with a wider square beside the closer look's: 27 as well)."""
     import random
 
     from resnext import load_classifier

@@ -13,7 +13,7 @@ from PIL import Image
 from resnext import Preprocessing, load_checkpoint, read_metadata, save_checkpoint
 from resnext.detector import BirdDetector, square_around
 from resnext.fast import onednn_usable
-from resnext.inference import Classifier
+from resnext.inference import Classifier, crop_boxes
 from resnext.composition import architecture_cost, build_model
 
 from conftest import CLASSES, randomize_batchnorm
@@ -111,10 +111,11 @@ def test_the_packed_detector_computes_what_the_eager_one_does(shape):
     assert copy.deepcopy(detector)._fast is None  # packed kernels are not copied with the model
 
 
-@pytest.mark.parametrize("bird_bias, batches", [(10.0, [6]), (-10.0, [3])])
+@pytest.mark.parametrize("bird_bias, batches", [(10.0, [9]), (-10.0, [3])])
 def test_one_batched_resnext_pass_classifies_the_photos_and_their_crops(tmp_path, bird_bias, batches):
     """The detector looks (and looks closer) first; then one ResNeXt pass takes the whole photos and
-    the crops together, and no crop is classified where the bird check already said "not a bird"."""
+    the crops (two squares per bird) together, and no crop is classified where the bird check
+    already said "not a bird"."""
     model = tiny_with_detector()
     model.detector.bird.bias.fill_(bird_bias)
     path = save_checkpoint(tmp_path / "d.safetensors", model, CLASSES, Preprocessing(64, 64, framing="whole"),
@@ -195,6 +196,45 @@ def test_boxes_move_by_at_most_a_pixel_when_the_detectors_maps_move_by_1e_3():
     assert max(moves) <= 1.0, sorted(moves)[-5:]
 
 
+def surer_crop(classifier, photo) -> tuple[tuple, list]:
+    """(box, answer) of the surer of find-the-bird's two squares, each classified on its own."""
+    detector = classifier.model.detector
+    box = detector.look_closer(photo, detector.look(photo).region, classifier.rules.find_margin)[1]
+    tight, wide = crop_boxes(box, photo.size)
+    answers = [classifier.predict(photo.crop(b), k=3, find_bird=False)[0] for b in (tight, wide)]
+    return (wide, answers[1]) if answers[1][0].prob > answers[0][0].prob else (tight, answers[0])
+
+
+def test_crop_boxes_are_the_closer_looks_box_and_a_wider_square_around_it_inside_the_photo():
+    tight, wide = crop_boxes((100.0, 40.0, 150.0, 90.0), (400, 300))
+    assert tight == (100.0, 40.0, 150.0, 90.0) and wide == (85.0, 25.0, 165.0, 105.0)  # 1.6 x 50 px, the same centre
+    assert crop_boxes((0.0, 0.0, 50.0, 50.0), (400, 300))[1] == (0.0, 0.0, 80.0, 80.0)  # moved inside, still holding it
+    assert crop_boxes((0.0, 0.0, 250.0, 250.0), (400, 300))[1] == (0.0, 0.0, 300.0, 300.0)  # at most the shorter side
+
+
+def test_find_the_bird_answers_from_the_surer_of_two_squares_and_shows_that_one(tmp_path):
+    """The crop's answer is the surer of the closer look's box and the square WIDER times it, each
+    classified as it would be alone, and the box shown is the one answered from; both happen."""
+    model = tiny_with_detector()
+    model.detector.bird.bias.fill_(10.0)
+    path = save_checkpoint(tmp_path / "d.safetensors", model, CLASSES, Preprocessing(64, 64, framing="whole"),
+                           {"verdict": {"unsure_below": 0.2, "bird_below": 0.5, "find_below": 1.0, "crop_weight": 1.0,
+                                        "find_margin": 1.0}})
+    classifier = Classifier(*load_checkpoint(path), device="cpu")
+    rng = np.random.default_rng(7)
+    photos = [Image.fromarray(rng.integers(0, 255, (int(rng.integers(80, 300)), int(rng.integers(80, 300)), 3), dtype=np.uint8))
+              for _ in range(16)]
+    answers, wider = classifier.predict(photos, k=3), set()
+    for photo, answer in zip(photos, answers):
+        box, expected = surer_crop(classifier, photo)
+        tight = classifier.model.detector.look_closer(photo, classifier.model.detector.look(photo).region, 1.0)[1]
+        wider.add(box != tight)
+        assert answer.found and answer.box == pytest.approx(box)
+        assert [p.index for p in answer] == [p.index for p in expected]
+        assert [p.prob for p in answer] == pytest.approx([p.prob for p in expected], abs=1e-5)
+    assert wider == {True, False}
+
+
 def test_a_crop_less_sure_than_the_whole_photo_leaves_the_whole_photos_answer(tmp_path):
     """crop_when "surer": each photo is answered from its crop where the crop's top-1 is surer
     than the whole photo's, else from the whole photo (no box found); a batch answers as alone."""
@@ -210,8 +250,7 @@ def test_a_crop_less_sure_than_the_whole_photo_leaves_the_whole_photos_answer(tm
     answers, kinds = classifier.predict(photos, k=3), set()
     for photo, answer in zip(photos, answers):
         whole = classifier.predict(photo, k=3, find_bird=False)[0]
-        box = classifier.model.detector.look_closer(photo, classifier.model.detector.look(photo).region, classifier.rules.find_margin)[1]
-        crop = classifier.predict(photo.crop(box), k=3, find_bird=False)[0]
+        box, crop = surer_crop(classifier, photo)
         expected = crop if crop[0].prob > whole[0].prob else whole
         kinds.add(expected is crop)
         assert answer.found == (expected is crop) and [p.index for p in answer] == [p.index for p in expected]

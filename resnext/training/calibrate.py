@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..inference import Classifier
+from ..inference import Classifier, crop_boxes
 from ..imagefile import ANSWER_SIDE, load_image
 from ..verdict import VerdictRules, choose_unsure, default_unsure
 
@@ -59,8 +59,14 @@ def run_passes(classifier: Classifier, photos: list, batch_size: int = 32, margi
         closer = classifier.closer_looks(chunk, looks, margin)
         out["area"] += [look.area for look in looks]
         out["closer"] += [bird if c is None else c for bird, (c, _) in zip(birds, closer)]
-        crops = [pre(photo.crop(box)) for photo, (_, box) in zip(chunk, closer)]
-        out["crop"].append(torch.softmax(classifier.logits(classifier.features(torch.stack(crops))), 1).cpu())
+        detector = classifier.model.detector is not None
+        squares = [crop_boxes(box, photo.size) if detector else (box,) for photo, (_, box) in zip(chunk, closer)]
+        crops = [pre(photo.crop(b)) for photo, boxes in zip(chunk, squares) for b in boxes]
+        probs = torch.softmax(classifier.logits(classifier.features(torch.stack(crops))), 1).cpu()
+        if len(crops) > len(chunk):  # a detector's two squares: the surer, as the classifier answers
+            tight, wide = probs[0::2], probs[1::2]
+            probs = torch.where((wide.amax(1) > tight.amax(1))[:, None], wide, tight)
+        out["crop"].append(probs)
     closer = torch.tensor(out["closer"]) if classifier.model.detector is not None else None
     return Passes(torch.cat(out["whole"]), torch.cat(out["crop"]), torch.tensor(out["bird"]), torch.tensor(out["area"]), closer)
 
