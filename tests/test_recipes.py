@@ -75,3 +75,21 @@ def test_the_detectors_verdict_rules_are_chosen_end_to_end_on_a_tiny_model(tmp_p
     best = report["best"]
     assert best[0] >= report["plain_one_pass"] and best[-1] <= rules.MOST_TURNED_WRONG
     assert len(best) == 6 and set(report["val_not_a_bird"]) == {"plain", "scenes", "others"}
+
+
+def test_the_find_the_bird_setting_before_stays_where_another_only_ties_it():
+    from resnext.recipes import rules
+    from resnext.verdict import VerdictRules
+
+    def candidate(plain, scenes, turned, find_below, weight):
+        return ([plain, *scenes], turned, VerdictRules(0.5, 0.5, find_below, weight, find_margin=1.0), None)
+
+    before = candidate(0.78, [0.69, 0.43, 0.76, 0.76], 0.017, 0.3, 0.5)
+    tied = candidate(0.79, [0.69, 0.45, 0.72, 0.78], 0.011, 0.25, 0.75)  # the same mean, looks closer less often
+    worse = candidate(0.78, [0.69, 0.43, 0.76, 0.75], 0.0, 0.1, 0.5)
+    lost = candidate(0.77, [0.90, 0.90, 0.90, 0.90], 0.0, 0.2, 1.0)  # plain photos below one pass: never
+    candidates = [worse, tied, before, lost]
+    assert rules.choose_find(candidates, 0.78) is tied  # without one: the fewer closer looks
+    assert rules.choose_find(candidates, 0.78, incumbent=before[2]) is before
+    better = candidate(0.78, [0.70, 0.43, 0.76, 0.76], 0.0, 0.3, 1.0)
+    assert rules.choose_find([*candidates, better], 0.78, incumbent=before[2]) is better  # a real gain wins

@@ -204,6 +204,7 @@ def build(start: Path, shared: Path, out: Path, log=print, heads_from: Path | No
     from ..composition import architecture, build_model
     from ..inference import Classifier
     from ..training.teacher import load_teacher_backbone
+    from ..verdict import VerdictRules
     from .rules import choose_rules
 
     model, info = load_checkpoint(start)
@@ -222,7 +223,8 @@ def build(start: Path, shared: Path, out: Path, log=print, heads_from: Path | No
         report = {"heads": earlier_info.provenance["detector"]["fits"]}
     pre = replace(info.preprocessing, framing="whole")
     classifier = Classifier(v5, info.__class__(architecture(v5), info.classes, pre, {}), device="cpu")
-    rules, report["rules"] = choose_rules(classifier, groups, log)
+    before = VerdictRules.from_provenance(info.provenance, len(info.classes), True) if info.provenance.get("verdict") else None
+    rules, report["rules"] = choose_rules(classifier, groups, log, incumbent=before)
     provenance = {k: v for k, v in info.provenance.items() if k not in ("verdict", "verdict_selection")}
     metrics = {k: v for k, v in (provenance.get("metrics") or {}).items() if not k.startswith("test")}
     provenance.update(

@@ -10,12 +10,13 @@ the held-out no-bird photos.
   counts always or only where it is surer than the whole photo): the most birds right on average
   over the scenes of both kinds and the wider shots, among the settings under which the photos as
   given lose nothing (top-1 at least one pass's, at most 2 % of them turned from right to wrong);
-  ties go to the setting that looks closer less often.
+  ties go to the model's setting before, then to the setting that looks closer less often.
 - "Not a bird": the whole photo's bird score lets at most 1 % of each group of held-out birds as
   given (CUB, other species) through; the closer look's score counts less ``closer_offset`` logits,
   chosen for the fewest birds in scenes lost plus photos with no bird let through.
 - "Not sure": :func:`~resnext.verdict.choose_unsure` over right and wrong answers (as given and in
-  scenes) and other species.
+  scenes) and other species, raised where needed until :data:`RIGHT_WHEN_SAID` of the answers said
+  plainly are right.
 
 Training code: serving never imports this module.
 """
@@ -36,6 +37,7 @@ CROP_WEIGHTS = (0.5, 0.75, 1.0)
 SCENE_KINDS = ("rect", "ellipse")
 MOST_TURNED_WRONG = 0.02  # of the photos as given, by the closer look
 OFFSETS = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
+RIGHT_WHEN_SAID = 0.92  # of the answers said plainly (not "not sure"), at least
 
 
 def held_out_scenes(birds: list, labels: list, scenes: list, copies: int = 3, share: float = 1 / 3, seed: int = 1,
@@ -89,15 +91,22 @@ def find_candidates(classifier, sets: dict, log=print) -> tuple[list, dict, floa
     return candidates, table, baseline
 
 
-def choose_find(candidates: list, baseline: float):
-    """The best candidate of :func:`find_candidates` (see the module's text)."""
+def choose_find(candidates: list, baseline: float, incumbent=None):
+    """The best candidate of :func:`find_candidates` (see the module's text); on a tie, the
+    ``incumbent`` rules' find-the-bird setting (the model's before) stays."""
+
+    def setting(rules):
+        return None if rules is None else (rules.find_margin, rules.find_below, rules.crop_weight, rules.crop_when)
+
     kept = [c for c in candidates if c[0][0] >= baseline and c[1] <= MOST_TURNED_WRONG]
     kept = kept or [c for c in candidates if c[2].find_below == min(FIND_BELOW)]  # none keeps them: look closer least
-    return max(kept, key=lambda c: (round(sum(c[0][1:]) / len(c[0][1:]), 4), -c[2].find_below, c[2].crop_when == "surer"))
+    return max(kept, key=lambda c: (round(sum(c[0][1:]) / len(c[0][1:]), 4), setting(c[2]) == setting(incumbent),
+                                    -c[2].find_below, c[2].crop_when == "surer"))
 
 
-def choose_rules(classifier, groups: dict[str, list], log=print) -> tuple:
-    """The verdict rules from held-out photos (see the module's text); returns (rules, report)."""
+def choose_rules(classifier, groups: dict[str, list], log=print, incumbent=None) -> tuple:
+    """The verdict rules from held-out photos (see the module's text); returns (rules, report).
+    ``incumbent``: the model's rules before, whose find-the-bird setting stays where another only ties it."""
     from dataclasses import replace
 
     from ..training.calibrate import combined, run_passes, verdict_birds
@@ -112,7 +121,7 @@ def choose_rules(classifier, groups: dict[str, list], log=print) -> tuple:
                                                  kind=kind)
     sets["1/2"], sets["1/3"] = ([wider_shot(p, 2) for p in plain], labels), ([wider_shot(p, 3) for p in plain], labels)
     candidates, table, baseline = find_candidates(classifier, sets, log)
-    accs, turned, rules, passes = choose_find(candidates, baseline)
+    accs, turned, rules, passes = choose_find(candidates, baseline, incumbent)
     scenes = joined(*(passes[f"scenes {kind}"] for kind in SCENE_KINDS))
     scene_labels = torch.cat([sets[f"scenes {kind}"][1] for kind in SCENE_KINDS])
     others = run_passes(classifier, [load_image(p) for p in groups["other_val"]], margin=rules.find_margin)
@@ -131,7 +140,8 @@ def choose_rules(classifier, groups: dict[str, list], log=print) -> tuple:
         top1, pred = combined(p, rules).max(1)
         right += top1[pred == y].tolist()
         wrong += top1[pred != y].tolist()
-    unsure, how = choose_unsure(right, wrong, len(classifier.classes), combined(others, rules).max(1).values.tolist())
+    unsure, how = choose_unsure(right, wrong, len(classifier.classes), combined(others, rules).max(1).values.tolist(),
+                                precision=RIGHT_WHEN_SAID)
     rules = replace(rules, unsure_below=unsure, source=(
         "held-out photos: find-the-bird for the best mean top-1 of birds at 1/3 of real scenes (pasted as rectangles and "
         "through feathered ellipses) and in wider shots, among the settings that keep plain photos at least at one pass's "
