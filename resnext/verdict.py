@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["VERDICTS", "VerdictRules", "bird_box", "choose_unsure", "default_unsure"]
+__all__ = ["VERDICTS", "VerdictRules", "bird_box", "choose_unsure", "default_unsure", "raised_for_precision"]
 
 VERDICTS = ("species", "unsure", "not_a_bird")
 CROP_WHEN = ("always", "surer")
@@ -155,29 +155,34 @@ def bird_box(cells: Tensor, margin: float = 1.6, min_side: float = 0.3) -> tuple
     return area, (left, top, left + side, top + side)
 
 
-def choose_unsure(right: list[float], wrong: list[float], num_classes: int, others: list[float] | None = None,
-                  precision: float | None = None) -> tuple[float, str]:
+def choose_unsure(right: list[float], wrong: list[float], num_classes: int, others: list[float] | None = None) -> tuple[float, str]:
     """The "unsure" threshold from validation answers: the top-1 probabilities of right and wrong
     answers (and of photos of classes the model does not know, ``others``).
 
     Chooses the threshold that minimises the sum of the error rates (right answers flagged,
-    wrong answers and unknown classes said plainly); with ``precision``, raised where needed to the
-    lowest threshold at which that share of the answers said plainly are right (kept where no
-    threshold reaches it). With fewer than 5 right or 5 wrong answers those rates mean little, and
-    :func:`default_unsure` is used. Returns (threshold, how chosen).
+    wrong answers and unknown classes said plainly). With fewer than 5 right or 5 wrong answers
+    that sum means little, and :func:`default_unsure` is used. Returns (threshold, how chosen).
     """
     if len(right) < 5 or len(wrong) < 5:
         return default_unsure(num_classes), f"default ({len(right)} right, {len(wrong)} wrong validation answers)"
     groups = [torch.tensor(right), torch.tensor(wrong)] + ([torch.tensor(others)] if others else [])
-    thresholds = [round(t, 3) for t in torch.linspace(0.05, 0.95, 91).tolist()]
     best = (math.inf, 0.0)
-    for t in thresholds:
+    for t in _THRESHOLDS:
         cost = float((groups[0] < t).float().mean()) + sum(float((g >= t).float().mean()) for g in groups[1:])
         best = min(best, (cost, t))
-    if precision is None:
-        return best[1], "validation (minimum summed error rate)"
-    for t in (t for t in thresholds if t >= best[1]):
-        said_right, said_wrong = int((groups[0] >= t).sum()), int((groups[1] >= t).sum())
+    return best[1], "validation (minimum summed error rate)"
+
+
+def raised_for_precision(threshold: float, right: list[float], wrong: list[float], precision: float) -> float | None:
+    """The lowest "unsure" threshold at or above ``threshold`` (on :func:`choose_unsure`'s grid)
+    under which at least ``precision`` of the answers said plainly are right, from the top-1
+    probabilities of right and wrong validation answers; ``None`` where none is."""
+    right_t, wrong_t = torch.tensor(right, dtype=torch.float32), torch.tensor(wrong, dtype=torch.float32)
+    for t in (t for t in _THRESHOLDS if t >= threshold):
+        said_right, said_wrong = int((right_t >= t).sum()), int((wrong_t >= t).sum())
         if said_right and said_right >= precision * (said_right + said_wrong):
-            return t, f"validation (minimum summed error rate {best[1]}, raised for {precision:.0%} right when said)"
-    return best[1], f"validation (minimum summed error rate; no threshold gave {precision:.0%} right when said)"
+            return t
+    return None
+
+
+_THRESHOLDS = [round(t, 3) for t in torch.linspace(0.05, 0.95, 91).tolist()]

@@ -11,7 +11,7 @@ from resnext import Classifier, Preprocessing, load_checkpoint, save_checkpoint
 from resnext.__main__ import main
 from resnext.composition import build_model
 from resnext.transforms import wider_shot
-from resnext.verdict import VerdictRules, bird_box, choose_unsure, default_unsure
+from resnext.verdict import VerdictRules, bird_box, choose_unsure, default_unsure, raised_for_precision
 
 from conftest import CLASSES, tiny_model
 
@@ -145,15 +145,14 @@ def test_bird_box_centres_on_the_covered_cells():
     assert bird_box(torch.zeros(4, 4)) == (0.0, (0.0, 0.0, 1.0, 1.0))
 
 
-def test_choose_unsure_raised_for_a_share_right_when_said():
+def test_the_unsure_threshold_raised_for_a_share_right_when_said():
     right, wrong = [0.4] * 8 + [0.9] * 8, [0.1] * 20 + [0.4] * 2 + [0.7]
     assert choose_unsure(right, wrong, 10)[0] == 0.11  # summed error 3/23; 16 of 19 said right (84 %)
-    assert choose_unsure(right, wrong, 10, precision=0.8)[0] == 0.11  # already there: not raised
-    assert choose_unsure(right, wrong, 10, precision=0.85)[0] == 0.41  # 8 of 9 said right
-    threshold, how = choose_unsure(right, wrong, 10, precision=0.9)
-    assert threshold == 0.71 and "raised for 90% right" in how  # 8 of 8
-    threshold, how = choose_unsure(right, [0.95] * 5, 10, precision=0.9)  # wrong answers surer than any right one
-    assert threshold == choose_unsure(right, [0.95] * 5, 10)[0] and "no threshold" in how
+    assert raised_for_precision(0.11, right, wrong, 0.8) == 0.11  # already there: not raised
+    assert raised_for_precision(0.11, right, wrong, 0.85) == 0.41  # 8 of 9 said right
+    assert raised_for_precision(0.11, right, wrong, 0.9) == 0.71  # 8 of 8
+    assert raised_for_precision(0.72, right, wrong, 0.9) == 0.72  # never lowered
+    assert raised_for_precision(0.11, right, [0.95] * 5, 0.9) is None  # wrong answers surer than any right one
 
 
 def test_choose_unsure_separates_right_from_wrong():
