@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .checkpoint import CheckpointInfo, load_checkpoint
 from .composition import rules_for
+from .detector import crop_boxes
 from .explain import Explanation, conv5_cams
 from .fast import configure_cpu_threads, fast_backbone
 from .model import ResNeXt
@@ -23,15 +24,6 @@ __all__ = ["Answer", "Classifier", "Prediction", "DEFAULT_CHECKPOINT", "display_
 
 # The default bird model ships here (see checkpoints/README.md).
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "resnext50_32x4d_cub100.safetensors"
-# With a detector, find-the-bird classifies two squares around the bird it found: the closer
-# look's box and one WIDER times its side, and the surer of the two answers stands. The closer look's box is the bird
-# as the detector sees it: a pasted rectangle whole, background and all, but a bird with soft edges
-# (as real birds are) tightly, where the ResNeXt, trained on photos with the bird in context, is
-# unsure. On v6's validation photos (177 as given, 354 at 1/3 of held-out scenes per paste kind):
-# through a feathered ellipse 32.5 -> 42.4 % top-1, as a rectangle 68.9 -> 69.8 %, at 1/2 and 1/3 of
-# the frame 74.6 / 74.0 -> 76.3 / 75.7 %, as given 79.1 -> 78.0 % (one pass: 78.0 %; 1.7 % turned
-# wrong). Averaging the two answers did worse (39.8 % through the ellipse), and 2.0 did no better.
-WIDER = 1.6
 
 
 class Look(NamedTuple):
@@ -380,15 +372,6 @@ class Classifier:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         return min(k, len(self.classes))
-
-
-def crop_boxes(box, size) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Find-the-bird's two squares to classify in a photo of ``size``: the closer look's ``box``
-    and the square :data:`WIDER` times its side around its centre (moved inside the photo)."""
-    from .detector import square_around
-
-    centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
-    return tuple(box), square_around(centre, WIDER * (box[2] - box[0]), size)
 
 
 def load_classifier(

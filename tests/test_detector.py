@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from resnext import Preprocessing, load_checkpoint, read_metadata, save_checkpoint
-from resnext.detector import BirdDetector, square_around
+from resnext.detector import BirdDetector, crop_boxes, square_around
 from resnext.fast import onednn_usable
-from resnext.inference import Classifier, crop_boxes
+from resnext.inference import Classifier
 from resnext.composition import architecture_cost, build_model
 
 from conftest import CLASSES, randomize_batchnorm
@@ -212,18 +212,28 @@ def test_crop_boxes_are_the_closer_looks_box_and_a_wider_square_around_it_inside
     assert crop_boxes((0.0, 0.0, 250.0, 250.0), (400, 300))[1] == (0.0, 0.0, 300.0, 300.0)  # at most the shorter side
 
 
+def always_finding(tmp_path, **verdict) -> Classifier:
+    """A tiny classifier whose detector always sees a bird, looking closer at every photo, its
+    crop's answer standing alone (``verdict`` adds or overrides rules)."""
+    model = tiny_with_detector()
+    model.detector.bird.bias.fill_(10.0)
+    rules = {"unsure_below": 0.2, "bird_below": 0.5, "find_below": 1.0, "crop_weight": 1.0, **verdict}
+    path = save_checkpoint(tmp_path / "d.safetensors", model, CLASSES, Preprocessing(64, 64, framing="whole"), {"verdict": rules})
+    return Classifier(*load_checkpoint(path), device="cpu")
+
+
+def noise_photos(count: int, seed: int) -> list:
+    """``count`` photos of noise, each of its own shape (80-300 px a side)."""
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (int(rng.integers(80, 300)), int(rng.integers(80, 300)), 3), dtype=np.uint8))
+            for _ in range(count)]
+
+
 def test_find_the_bird_answers_from_the_surer_of_two_squares_and_shows_that_one(tmp_path):
     """The crop's answer is the surer of the closer look's box and the square WIDER times it, each
     classified as it would be alone, and the box shown is the one answered from; both happen."""
-    model = tiny_with_detector()
-    model.detector.bird.bias.fill_(10.0)
-    path = save_checkpoint(tmp_path / "d.safetensors", model, CLASSES, Preprocessing(64, 64, framing="whole"),
-                           {"verdict": {"unsure_below": 0.2, "bird_below": 0.5, "find_below": 1.0, "crop_weight": 1.0,
-                                        "find_margin": 1.0}})
-    classifier = Classifier(*load_checkpoint(path), device="cpu")
-    rng = np.random.default_rng(7)
-    photos = [Image.fromarray(rng.integers(0, 255, (int(rng.integers(80, 300)), int(rng.integers(80, 300)), 3), dtype=np.uint8))
-              for _ in range(16)]
+    classifier = always_finding(tmp_path, find_margin=1.0)
+    photos = noise_photos(16, seed=7)
     answers, wider = classifier.predict(photos, k=3), set()
     for photo, answer in zip(photos, answers):
         box, expected = surer_crop(classifier, photo)
@@ -238,15 +248,8 @@ def test_find_the_bird_answers_from_the_surer_of_two_squares_and_shows_that_one(
 def test_a_crop_less_sure_than_the_whole_photo_leaves_the_whole_photos_answer(tmp_path):
     """crop_when "surer": each photo is answered from its crop where the crop's top-1 is surer
     than the whole photo's, else from the whole photo (no box found); a batch answers as alone."""
-    model = tiny_with_detector()
-    model.detector.bird.bias.fill_(10.0)
-    path = save_checkpoint(tmp_path / "d.safetensors", model, CLASSES, Preprocessing(64, 64, framing="whole"),
-                           {"verdict": {"unsure_below": 0.2, "bird_below": 0.5, "find_below": 1.0, "crop_weight": 1.0,
-                                        "crop_when": "surer"}})
-    classifier = Classifier(*load_checkpoint(path), device="cpu")
-    rng = np.random.default_rng(5)
-    photos = [Image.fromarray(rng.integers(0, 255, (int(rng.integers(80, 300)), int(rng.integers(80, 300)), 3), dtype=np.uint8))
-              for _ in range(12)]
+    classifier = always_finding(tmp_path, crop_when="surer")
+    photos = noise_photos(12, seed=5)
     answers, kinds = classifier.predict(photos, k=3), set()
     for photo, answer in zip(photos, answers):
         whole = classifier.predict(photo, k=3, find_bird=False)[0]

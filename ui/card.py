@@ -5,8 +5,8 @@ from __future__ import annotations
 import html
 
 from resnext import Classifier, display_name
+from resnext.detector import WIDER
 from resnext.evaluate import validation_text
-from resnext.inference import WIDER
 
 
 def plain(text: str) -> str:

@@ -104,6 +104,25 @@ def choose_find(candidates: list, baseline: float, incumbent=None):
                                     -c[2].find_below, c[2].crop_when == "surer"))
 
 
+def not_sure(rules, plain: tuple, scenes: tuple, others, num_classes: int) -> tuple[float, str]:
+    """The "not sure" threshold under ``rules`` (see the module's text) from the passes and labels
+    of the ``plain`` photos and the ``scenes``, and the passes of ``others`` (other species):
+    (threshold, how chosen)."""
+    from ..training.calibrate import combined
+    from ..verdict import choose_unsure, raised_for_precision
+
+    answers = {}
+    for name, (p, y) in (("plain", plain), ("scenes", scenes)):
+        top1, pred = combined(p, rules).max(1)
+        answers[name] = (top1[pred == y].tolist(), top1[pred != y].tolist())
+    right, wrong = (answers["plain"][i] + answers["scenes"][i] for i in (0, 1))
+    unsure, how = choose_unsure(right, wrong, num_classes, combined(others, rules).max(1).values.tolist())
+    raised = raised_for_precision(unsure, *answers["plain"], RIGHT_WHEN_SAID)
+    aim = f"{RIGHT_WHEN_SAID:.0%} of the photos as given said plainly right"
+    then = f"; no threshold gave {aim}" if raised is None else f"; then raised from {unsure} for {aim}" if raised > unsure else ""
+    return raised or unsure, f"{how}, over right and wrong answers (plain and in scenes) and other species{then}"
+
+
 def choose_rules(classifier, groups: dict[str, list], log=print, incumbent=None) -> tuple:
     """The verdict rules from held-out photos (see the module's text); returns (rules, report).
     ``incumbent``: the model's rules before, whose find-the-bird setting stays where another only ties it."""
@@ -111,7 +130,6 @@ def choose_rules(classifier, groups: dict[str, list], log=print, incumbent=None)
 
     from ..training.calibrate import combined, run_passes, verdict_birds
     from ..transforms import load_image, wider_shot
-    from ..verdict import choose_unsure, raised_for_precision
 
     plain = [load_image(p) for p in groups["cub_val"]]
     labels = torch.tensor(groups["cub_val_labels"])
@@ -135,23 +153,12 @@ def choose_rules(classifier, groups: dict[str, list], log=print, incumbent=None)
         passed = float((verdict_birds(nones, trial) >= rules.bird_below).float().mean())
         costs[offset] = round(lost + passed, 4)
     rules = replace(rules, closer_offset=min(costs, key=lambda o: (costs[o], o)))
-    right, wrong = [], []
-    for p, y in ((passes["plain"], labels), (scenes, scene_labels)):
-        top1, pred = combined(p, rules).max(1)
-        right += top1[pred == y].tolist()
-        wrong += top1[pred != y].tolist()
-    unsure, how = choose_unsure(right, wrong, len(classifier.classes), combined(others, rules).max(1).values.tolist())
-    top1, pred = combined(passes["plain"], rules).max(1)
-    raised = raised_for_precision(unsure, top1[pred == labels].tolist(), top1[pred != labels].tolist(), RIGHT_WHEN_SAID)
-    aim = f"{RIGHT_WHEN_SAID:.0%} of the photos as given said plainly right"
-    then = f"; no threshold gave {aim}" if raised is None else f"; then raised from {unsure} for {aim}" if raised > unsure else ""
-    unsure = raised or unsure
+    unsure, how = not_sure(rules, (passes["plain"], labels), (scenes, scene_labels), others, len(classifier.classes))
     rules = replace(rules, unsure_below=unsure, source=(
         "held-out photos: find-the-bird for the best mean top-1 of birds at 1/3 of real scenes (pasted as rectangles and "
         "through feathered ellipses) and in wider shots, among the settings that keep plain photos at least at one pass's "
         "top-1 with at most 2% turned wrong; not a bird: 1% of held-out birds as given let through, the closer look's "
-        f"offset for the fewest scene birds lost plus no-bird photos passed; not sure: {how}, over right and wrong answers "
-        f"(plain and in scenes) and other species{then}"))
+        f"offset for the fewest scene birds lost plus no-bird photos passed; not sure: {how}"))
     top1, pred = combined(passes["plain"], rules).max(1)
     none_birds = verdict_birds(nones, rules)
     report = {

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..inference import Classifier, crop_boxes
+from ..detector import crop_boxes
 from ..imagefile import ANSWER_SIDE, load_image
+from ..inference import Classifier
 from ..verdict import VerdictRules, choose_unsure, default_unsure
 
 __all__ = ["Passes", "run_passes", "choose_rules", "combined", "bird_shot_maps", "fit_bird_head", "refit_locator", "rules_for_fine_tune"]
