@@ -30,6 +30,7 @@ __all__ = ["VERDICTS", "VerdictRules", "bird_box", "choose_unsure", "default_uns
 
 VERDICTS = ("species", "unsure", "not_a_bird")
 CROP_WHEN = ("always", "surer")
+_THRESHOLDS = [round(t, 3) for t in torch.linspace(0.05, 0.95, 91).tolist()]  # the "unsure" thresholds tried
 
 
 def default_unsure(num_classes: int) -> float:
@@ -184,5 +185,3 @@ def raised_for_precision(threshold: float, right: list[float], wrong: list[float
             return t
     return None
 
-
-_THRESHOLDS = [round(t, 3) for t in torch.linspace(0.05, 0.95, 91).tolist()]

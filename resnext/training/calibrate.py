@@ -43,7 +43,7 @@ def run_passes(classifier: Classifier, photos: list, batch_size: int = 32, margi
     detector, ``closer`` is the closer look's own bird score (``bird`` the whole photo's); how
     they combine is the rules' (:func:`verdict_birds`)."""
     out = {"whole": [], "crop": [], "bird": [], "area": [], "closer": []}
-    pre = classifier.preprocessing
+    pre, detector = classifier.preprocessing, classifier.model.detector is not None
     for start in range(0, len(photos), batch_size):
         chunk = photos[start : start + batch_size]
         features = classifier.features(torch.stack([pre(p) for p in chunk]))
@@ -60,7 +60,6 @@ def run_passes(classifier: Classifier, photos: list, batch_size: int = 32, margi
         closer = classifier.closer_looks(chunk, looks, margin)
         out["area"] += [look.area for look in looks]
         out["closer"] += [bird if c is None else c for bird, (c, _) in zip(birds, closer)]
-        detector = classifier.model.detector is not None
         squares = [crop_boxes(box, photo.size) if detector else (box,) for photo, (_, box) in zip(chunk, closer)]
         crops = [pre(photo.crop(b)) for photo, boxes in zip(chunk, squares) for b in boxes]
         probs = torch.softmax(classifier.logits(classifier.features(torch.stack(crops))), 1).cpu()
@@ -68,7 +67,7 @@ def run_passes(classifier: Classifier, photos: list, batch_size: int = 32, margi
             tight, wide = probs[0::2], probs[1::2]
             probs = torch.where((wide.amax(1) > tight.amax(1))[:, None], wide, tight)
         out["crop"].append(probs)
-    closer = torch.tensor(out["closer"]) if classifier.model.detector is not None else None
+    closer = torch.tensor(out["closer"]) if detector else None
     return Passes(torch.cat(out["whole"]), torch.cat(out["crop"]), torch.tensor(out["bird"]), torch.tensor(out["area"]), closer)
 
 
