@@ -458,3 +458,20 @@ def test_a_crop_counts_always_or_only_where_it_is_surer():
         VerdictRules(0.3, crop_when="sometimes")
     assert str(err.value) == "verdict crop_when must be one of ('always', 'surer'), got 'sometimes'"
     assert VerdictRules.from_provenance({"verdict": {"unsure_below": 0.3}}, 3, True).crop_when == "always"  # older files
+
+
+def test_logistic_fit_standardises_in_blocks_as_over_all_rows(monkeypatch):
+    """The heads' fits standardise their rows a block at a time (the detector's fine rows are
+    ~4 GB): the same mean and deviation as over all rows at once, and the same fit."""
+    import resnext.training.calibrate as calibrate
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5000, 6, generator=gen) * torch.tensor([1.0, 3.0, 0.1, 10.0, 1.0, 0.0]) + 5
+    y = (x[:, 0] + 0.1 * torch.randn(5000, generator=gen) > 5).float()
+    whole = calibrate._fit_logistic(x, y, torch.ones(5000), l2=1e-3)
+    monkeypatch.setattr(calibrate, "_ROWS", 333)  # blocks that do not divide the rows
+    mean, std = calibrate._mean_std(x)
+    assert torch.allclose(mean, x.mean(0)) and torch.allclose(std, x.std(0).clamp_min(1e-6), rtol=1e-5)
+    weight, bias, loss = calibrate._fit_logistic(x, y, torch.ones(5000), l2=1e-3)
+    assert torch.allclose(weight, whole[0], atol=1e-4) and abs(float(bias - whole[1])) < 1e-3
+    assert ((x @ weight + bias > 0).float() == y).float().mean() > 0.95  # it still separates

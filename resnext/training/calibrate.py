@@ -223,13 +223,28 @@ def _conv5(classifier: Classifier, photos: list, batch_size: int = 32, pooled: b
     return torch.cat(out)
 
 
+_ROWS = 65536  # rows standardised at a time
+
+
+def _mean_std(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The mean and (unbiased) standard deviation of each column of ``x``, computed in blocks of
+    rows (no temporary as large as ``x``); the deviation at least 1e-6."""
+    mean = x.mean(0)
+    squares = torch.zeros_like(mean, dtype=torch.float64)
+    for start in range(0, len(x), _ROWS):
+        squares += (x[start : start + _ROWS] - mean).double().pow(2).sum(0)
+    return mean, (squares / max(1, len(x) - 1)).sqrt().to(x.dtype).clamp_min(1e-6)
+
+
 def _fit_logistic(x: Tensor, y: Tensor, w: Tensor, l2: float) -> tuple[Tensor, Tensor, float]:
     """Weighted logistic regression of targets ``y`` in [0, 1] on rows ``x``, standardised first;
     a convex problem, solved with L-BFGS from zero (the result does not depend on the random
     state). Returns the weight (C,) and bias () for the raw rows (the standardisation folded in)
     and the final loss."""
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    z = (x - mean) / std
+    mean, std = _mean_std(x)
+    z = torch.empty_like(x)  # one copy of ``x`` at a time (the detector's fine rows are ~4 GB)
+    for start in range(0, len(x), _ROWS):
+        torch.div(x[start : start + _ROWS] - mean, std, out=z[start : start + _ROWS])
     head = torch.nn.Linear(x.shape[1], 1)
     torch.nn.init.zeros_(head.weight)  # the same start every time
     torch.nn.init.zeros_(head.bias)
