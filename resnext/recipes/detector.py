@@ -186,10 +186,11 @@ def _fit_head(head, groups: list, l2: float = 1e-3) -> float:
     x, y, w = [], [], []
     for rows, targets, share in groups:
         for r, t in zip(rows, targets):
-            x.append(r.float() if r.dim() > 1 else r[None])
+            x.append(r if r.dim() > 1 else r[None])
             y.append(t if t.dim() else t[None])
             w.append(torch.full((len(x[-1]),), share / len(rows) / len(x[-1])))
-    weight, bias, loss = _fit_logistic(torch.cat(x), torch.cat(y).float(), torch.cat(w), l2=l2)
+    x = torch.cat(x).float()  # the rows stay half until here: one float copy of them at a time
+    weight, bias, loss = _fit_logistic(x, torch.cat(y).float(), torch.cat(w), l2=l2)
     head.weight.copy_(weight.view(head.weight.shape))
     head.bias.fill_(float(bias))
     return round(loss, 4)
