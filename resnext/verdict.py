@@ -184,4 +184,3 @@ def raised_for_precision(threshold: float, right: list[float], wrong: list[float
         if said_right and said_right >= precision * (said_right + said_wrong):
             return t
     return None
-
